@@ -1,0 +1,1 @@
+"""rapidphoto_worker."""

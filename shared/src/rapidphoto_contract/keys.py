@@ -1,0 +1,91 @@
+"""Every Redis key and channel name the project uses, built here and nowhere else (STYLE §2).
+
+Layout (``<sid>`` a session id, ``<uid>`` a user id; both validated, so they cannot contain ``:``):
+
+- ``upload-session:<sid>`` / ``user-notifications:<uid>``: pub/sub channels, named by SPEC §4.
+- ``rapidphoto:session:<sid>:state``: hash with the session's owner, total, counts and status.
+- ``rapidphoto:session:<sid>:photos``: hash photo id -> ``U`` (uploaded) or ``F:<reason>`` (failed).
+- ``rapidphoto:session:<sid>:failures``: sorted set of currently failed photos by failure order.
+- ``rapidphoto:session:<sid>:log``: the session's event log, a Redis Stream.
+- ``rapidphoto:user:<uid>:notifications``: the user's notification log, a Redis Stream.
+
+All data keys share the ``rapidphoto:`` prefix so an operator can find (and account for) them with
+``SCAN MATCH rapidphoto:*`` and they never collide with arq's ``arq:*`` keys in the same database.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Prefix of every data key we own (not the channels, whose names SPEC §4 fixes).
+KEY_PREFIX: Final = "rapidphoto"
+
+#: SPEC §4: anyone may publish here; the relay subscribes per open stream.
+SESSION_CHANNEL_PREFIX: Final = "upload-session:"
+#: SPEC §4: the owner's notifications (session completed).
+NOTIFICATION_CHANNEL_PREFIX: Final = "user-notifications:"
+
+
+def session_channel(session_id: str) -> str:
+    """Pub/sub channel carrying one session's events."""
+    return f"{SESSION_CHANNEL_PREFIX}{session_id}"
+
+
+def notification_channel(user_id: str) -> str:
+    """Pub/sub channel carrying one user's notifications."""
+    return f"{NOTIFICATION_CHANNEL_PREFIX}{user_id}"
+
+
+def session_state_key(session_id: str) -> str:
+    # A hash, so one HGETALL gives the relay a consistent snapshot of the counters.
+    return f"{KEY_PREFIX}:session:{session_id}:state"
+
+
+def session_photos_key(session_id: str) -> str:
+    # One field per distinct photo: this is what makes every command idempotent.
+    return f"{KEY_PREFIX}:session:{session_id}:photos"
+
+
+def session_failures_key(session_id: str) -> str:
+    # Sorted by failure order so a snapshot can list the 100 most recent failures in O(log n).
+    return f"{KEY_PREFIX}:session:{session_id}:failures"
+
+
+def session_log_key(session_id: str) -> str:
+    # A Stream: entry ids are the SSE event ids, so Last-Event-ID maps straight to XRANGE.
+    return f"{KEY_PREFIX}:session:{session_id}:log"
+
+
+def user_notifications_log_key(user_id: str) -> str:
+    # Lets notification streams replay after a reconnection, like session streams.
+    return f"{KEY_PREFIX}:user:{user_id}:notifications"
+
+
+def session_keys(session_id: str) -> tuple[str, str, str, str]:
+    """State, photos, failures and log keys of one session, in the order the Lua scripts take them."""
+    return (
+        session_state_key(session_id),
+        session_photos_key(session_id),
+        session_failures_key(session_id),
+        session_log_key(session_id),
+    )
+
+
+# --- fields inside those keys (the worker writes them, the relay reads them) ---------------------
+
+#: Session state hash fields.
+STATE_OWNER: Final = "owner"  # the user id that may stream the session (SPEC §5 authorization)
+STATE_TOTAL: Final = "total"
+STATE_UPLOADED: Final = "uploaded"
+STATE_FAILED: Final = "failed"
+STATE_STATUS: Final = "status"  # IN_PROGRESS | COMPLETED
+STATE_FAILURE_SEQ: Final = "fseq"  # counter giving failures their order in the failures set
+
+#: Photos hash values: ``U`` for uploaded, ``F:<reason>`` for failed.
+PHOTO_UPLOADED_MARK: Final = "U"
+PHOTO_FAILED_PREFIX: Final = "F:"
+
+#: Event log (Stream) entry fields: the event type, and the exact payload that was published
+#: (with its own ``eventId``), so a replay writes the same bytes as the live stream did.
+LOG_FIELD_TYPE: Final = "type"
+LOG_FIELD_DATA: Final = "data"

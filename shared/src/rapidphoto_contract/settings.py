@@ -1,0 +1,181 @@
+"""Settings of SPEC §2, read once from the environment into a frozen object (STYLE §4).
+
+Build it in an entrypoint with :meth:`Settings.from_env` and pass it down; nothing reads the
+environment at import time. A missing or invalid value raises :class:`ConfigError` naming the
+variable, so a process fails at start-up with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final, TypeVar
+
+import attrs
+
+T = TypeVar("T")
+
+#: Algorithms the relay knows how to verify. ``none`` is never accepted (SPEC §2).
+SUPPORTED_ALGORITHMS: Final = frozenset(
+    {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"}
+)
+_HMAC = frozenset({"HS256", "HS384", "HS512"})
+
+
+class ConfigError(ValueError):
+    """A configuration variable is missing or invalid; the message names it."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        super().__init__(f"{variable}: {problem}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(name, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip()
+    return raw or default
+
+
+def _opt(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    return raw or None
+
+
+def _csv(env: Mapping[str, str], name: str, default: str = "") -> tuple[str, ...]:
+    raw = env.get(name, default)
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(name, f"expected 0 or 1, got {raw!r}")
+
+
+def _public_key(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if raw.startswith("-----BEGIN"):
+        return raw.replace("\\n", "\n")
+    path = Path(raw)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(name, f"not a PEM and not a readable file: {exc.strerror}") from None
+    if "-----BEGIN" not in text:
+        raise ConfigError(name, f"file {raw} holds no PEM key")
+    return text
+
+
+def _redis_url(env: Mapping[str, str], name: str) -> str:
+    url = _str(env, name, "redis://127.0.0.1:6379/0")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(name, "must start with redis://, rediss:// or unix://")
+    return url
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    jwt_secret: str | None = attrs.field(default=None, repr=False)
+    jwt_public_key: str | None = attrs.field(default=None, repr=False)
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_cookie_name: str = "access_token"
+    jwt_leeway_seconds: int = 0
+    relay_host: str = "127.0.0.1"
+    relay_port: int = 8080
+    relay_cors_origins: tuple[str, ...] = ()
+    relay_max_connections: int = 10_000
+    relay_max_connections_per_user: int = 32
+    sse_heartbeat_seconds: int = 15
+    sse_retry_ms: int = 2000
+    sse_buffer_events: int = 1000
+    relay_demo: bool = False
+    session_ttl_seconds: int = 86_400
+    session_log_maxlen: int = 1000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e: Mapping[str, str] = os.environ if env is None else env
+        algorithms = _csv(e, "JWT_ALGORITHMS", "HS256")
+        if not algorithms:
+            raise ConfigError("JWT_ALGORITHMS", "must list at least one algorithm")
+        for alg in algorithms:
+            if alg.lower() == "none":
+                raise ConfigError("JWT_ALGORITHMS", "'none' is never accepted")
+            if alg not in SUPPORTED_ALGORITHMS:
+                raise ConfigError(
+                    "JWT_ALGORITHMS",
+                    f"unsupported algorithm {alg!r} (use {', '.join(sorted(SUPPORTED_ALGORITHMS))})",
+                )
+        cookie = _str(e, "JWT_COOKIE_NAME", "access_token")
+        if not cookie.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError("JWT_COOKIE_NAME", f"not a valid cookie name: {cookie!r}")
+        return cls(
+            redis_url=_redis_url(e, "REDIS_URL"),
+            jwt_secret=_opt(e, "JWT_SECRET"),
+            jwt_public_key=_public_key(e, "JWT_PUBLIC_KEY"),
+            jwt_algorithms=algorithms,
+            jwt_issuer=_opt(e, "JWT_ISSUER"),
+            jwt_audience=_opt(e, "JWT_AUDIENCE"),
+            jwt_cookie_name=cookie,
+            jwt_leeway_seconds=_int(e, "JWT_LEEWAY_SECONDS", 0, 0, 3600),
+            relay_host=_str(e, "RELAY_HOST", "127.0.0.1"),
+            relay_port=_int(e, "RELAY_PORT", 8080, 0, 65535),
+            relay_cors_origins=_csv(e, "RELAY_CORS_ORIGINS"),
+            relay_max_connections=_int(e, "RELAY_MAX_CONNECTIONS", 10_000, 1, 1_000_000),
+            relay_max_connections_per_user=_int(
+                e, "RELAY_MAX_CONNECTIONS_PER_USER", 32, 1, 1_000_000
+            ),
+            sse_heartbeat_seconds=_int(e, "SSE_HEARTBEAT_SECONDS", 15, 1, 3600),
+            sse_retry_ms=_int(e, "SSE_RETRY_MS", 2000, 0, 3_600_000),
+            sse_buffer_events=_int(e, "SSE_BUFFER_EVENTS", 1000, 1, 1_000_000),
+            relay_demo=_flag(e, "RELAY_DEMO"),
+            session_ttl_seconds=_int(e, "SESSION_TTL_SECONDS", 86_400, 1, 10 * 365 * 86_400),
+            session_log_maxlen=_int(e, "SESSION_LOG_MAXLEN", 1000, 1, 10_000_000),
+        )
+
+    def require_jwt_key(self) -> None:
+        """The relay cannot verify anything without a key: fail at start-up, naming the variable."""
+        uses_hmac = any(alg in _HMAC for alg in self.jwt_algorithms)
+        uses_public = any(alg not in _HMAC for alg in self.jwt_algorithms)
+        if self.jwt_secret is None and self.jwt_public_key is None:
+            raise ConfigError(
+                "JWT_SECRET", "set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256)"
+            )
+        if uses_hmac and self.jwt_secret is None:
+            raise ConfigError("JWT_SECRET", "required by the HS* algorithms in JWT_ALGORITHMS")
+        if uses_public and self.jwt_public_key is None:
+            raise ConfigError(
+                "JWT_PUBLIC_KEY", "required by the RS*/ES* algorithms in JWT_ALGORITHMS"
+            )
+
+
+def env_value(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
+    """Parse one extra variable (for process-specific knobs), naming it on error."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise ConfigError(name, str(exc)) from None
