@@ -1,0 +1,226 @@
+"""Run the whole stack locally: Redis (when REDIS_URL is unset), workers, relays, a simulator.
+
+Started by ``scripts/run`` (the README's first command). Prints where to look and stops
+everything cleanly on Ctrl-C (SIGINT) or SIGTERM, leaving no process or temporary file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+BIN = Path(sys.executable).parent
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode} during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (loopback only)
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not become ready within {timeout}s")
+
+
+def wait_tcp(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode} during start-up")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="rapidphoto-stack-"))
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, env=env)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        # Reverse start order: simulator and relays first (streams get STREAM_CLOSED shutdown),
+        # then workers, then the Redis we started.
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    print(f"[stack] {name} did not stop in 10 s; killing it", file=sys.stderr)
+                    proc.kill()
+                    proc.wait(5)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--relays", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--port", type=int, default=8080, help="first relay port (next ones +1)")
+    parser.add_argument("--user", default="demo-user")
+    parser.add_argument("--sessions", type=int, default=3)
+    parser.add_argument("--photos", type=int, default=60)
+    parser.add_argument("--rate", type=float, default=6.0, help="photo outcomes per second")
+    parser.add_argument("--failure-ratio", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--no-simulate", action="store_true", help="start the services only")
+    args = parser.parse_args()
+
+    stack = Stack()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        if not env.get("REDIS_URL"):
+            redis_bin = shutil.which("redis-server")
+            if redis_bin is None:
+                raise SystemExit("redis-server is missing: run scripts/setup")
+            port = free_port()
+            redis_proc = stack.spawn(
+                "redis",
+                [
+                    redis_bin,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(stack.tmp),
+                    "--loglevel",
+                    "warning",
+                ],
+                env,
+            )
+            env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+            wait_tcp(port, 10, redis_proc)
+            print(
+                f"[stack] started redis-server on {env['REDIS_URL']} (in memory, removed on exit)"
+            )
+        else:
+            print(f"[stack] using REDIS_URL={env['REDIS_URL']}")
+        if not env.get("JWT_SECRET") and not env.get("JWT_PUBLIC_KEY"):
+            env["JWT_SECRET"] = secrets.token_urlsafe(32)
+            print("[stack] JWT_SECRET not set: using a random development secret for this run")
+        env.setdefault("RELAY_DEMO", "1")
+
+        for i in range(args.workers):
+            stack.spawn(f"worker-{i + 1}", [str(BIN / "rapidphoto-worker")], env)
+
+        ports: list[int] = []
+        for i in range(args.relays):
+            wanted = args.port + i
+            port = wanted if port_free(wanted) else free_port()
+            ports.append(port)
+            relay = stack.spawn(
+                f"relay-{i + 1}",
+                [str(BIN / "rapidphoto-relay"), "--host", "127.0.0.1", "--port", str(port)],
+                env,
+            )
+            wait_http(f"http://127.0.0.1:{port}/health/ready", 30, relay)
+
+        token = subprocess.run(
+            [str(BIN / "rapidphoto"), "token", args.user, "--ttl", str(12 * 3600)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        session_ids = [f"demo-{args.seed}-{n + 1}" for n in range(args.sessions)]
+        query = "&".join(f"session={sid}" for sid in session_ids)
+        print("\n[stack] ready.")
+        for port in ports:
+            print(
+                f"  relay      http://127.0.0.1:{port}/  (metrics: http://127.0.0.1:{port}/metrics)"
+            )
+        print(f"  demo page  http://127.0.0.1:{ports[0]}/demo?access_token={token}&{query}")
+        print(f"  API docs   http://127.0.0.1:{ports[0]}/schema")
+        print(f"  token for {args.user}: {token}")
+        print("  Ctrl-C stops everything.\n")
+
+        if not args.no_simulate:
+            stack.spawn(
+                "simulator",
+                [
+                    str(BIN / "rapidphoto"),
+                    "simulate",
+                    "--user",
+                    args.user,
+                    "--session-prefix",
+                    f"demo-{args.seed}",
+                    "--sessions",
+                    str(args.sessions),
+                    "--photos",
+                    str(args.photos),
+                    "--rate",
+                    str(args.rate),
+                    "--failure-ratio",
+                    str(args.failure_ratio),
+                    "--seed",
+                    str(args.seed),
+                    "--start-delay",
+                    "5",
+                ],
+                env,
+            )
+        while True:
+            for name, proc in stack.procs:
+                if name != "simulator" and proc.poll() is not None:
+                    raise SystemExit(f"[stack] {name} exited with {proc.returncode}")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\n[stack] stopping…")
+        return 0
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
