@@ -52,7 +52,7 @@ class EventDecodeError(ValueError):
 
 
 def progress_percent(uploaded: int, failed: int, total: int) -> int:
-    """floor(100 × (uploaded + failed) / total), SPEC §4."""
+    """``floor(100 * (uploaded + failed) / total)``, SPEC §4 (0 for a zero total)."""
     return (100 * (uploaded + failed)) // total if total > 0 else 0
 
 
@@ -255,10 +255,17 @@ def decode_event(payload: str | bytes) -> Event:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise EventDecodeError(f"not JSON: {exc}") from exc
+    except RecursionError:
+        # json's C scanner recurses per nesting level: 64 KiB of "[" is a valid-size payload.
+        raise EventDecodeError("not JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise EventDecodeError("payload is not a JSON object")
-    cls = _BY_TYPE.get(data.get("type"))  # type: ignore[arg-type]
+    event_type = data.get("type")
+    if not isinstance(event_type, str):
+        # Checked before the lookup: a list or object here is unhashable (TypeError, not ours).
+        raise EventDecodeError("payload has no string 'type'")
+    cls = _BY_TYPE.get(event_type)
     if cls is None:
-        raise EventDecodeError(f"unknown event type {data.get('type')!r}")
+        raise EventDecodeError(f"unknown event type {event_type!r}")
     event: Event = cls.from_dict(data)
     return event
