@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 import attrs
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 T = TypeVar("T")
 
@@ -21,6 +24,8 @@ SUPPORTED_ALGORITHMS: Final = frozenset(
     {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"}
 )
 _HMAC = frozenset({"HS256", "HS384", "HS512"})
+#: RFC 7518 §3.2: an HMAC key MUST be at least as long as the hash output.
+_HMAC_MIN_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 
 class ConfigError(ValueError):
@@ -55,7 +60,8 @@ def _opt(env: Mapping[str, str], name: str) -> str | None:
 
 
 def _csv(env: Mapping[str, str], name: str, default: str = "") -> tuple[str, ...]:
-    raw = env.get(name, default)
+    # Set-but-blank means "use the default", as for every other variable here.
+    raw = env.get(name, "").strip() or default
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
@@ -73,7 +79,9 @@ def _public_key(env: Mapping[str, str], name: str) -> str | None:
     if not raw:
         return None
     if raw.startswith("-----BEGIN"):
-        return raw.replace("\\n", "\n")
+        pem = raw.replace("\\n", "\n")  # one-line env files write the newlines as \n
+        _check_public_key(name, pem)
+        return pem
     path = Path(raw)
     try:
         text = path.read_text(encoding="utf-8")
@@ -81,7 +89,21 @@ def _public_key(env: Mapping[str, str], name: str) -> str | None:
         raise ConfigError(name, f"not a PEM and not a readable file: {exc.strerror}") from None
     if "-----BEGIN" not in text:
         raise ConfigError(name, f"file {raw} holds no PEM key")
+    _check_public_key(name, text)
     return text
+
+
+def _check_public_key(name: str, pem: str) -> None:
+    """Parse the key now: a bad key must stop the relay at start-up, not 401 every token later."""
+    try:
+        key = load_pem_public_key(pem.encode())
+    except (ValueError, TypeError):
+        hint = " (it holds a private key; give the public one)" if "PRIVATE KEY" in pem else ""
+        raise ConfigError(name, f"not a valid PEM public key{hint}") from None
+    except UnsupportedAlgorithm as exc:
+        raise ConfigError(name, f"unsupported public key: {exc}") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ConfigError(name, f"an RSA or EC key is needed, got {type(key).__name__}")
 
 
 def _redis_url(env: Mapping[str, str], name: str) -> str:
@@ -127,12 +149,22 @@ class Settings:
                     "JWT_ALGORITHMS",
                     f"unsupported algorithm {alg!r} (use {', '.join(sorted(SUPPORTED_ALGORITHMS))})",
                 )
+        secret = _opt(e, "JWT_SECRET")
+        needed = max((_HMAC_MIN_BYTES[alg] for alg in algorithms if alg in _HMAC), default=0)
+        if secret is not None and len(secret.encode()) < needed:
+            # PyJWT would only warn, on every token; a short secret is a config error (never shown).
+            raise ConfigError(
+                "JWT_SECRET",
+                f"must be at least {needed} bytes for {', '.join(a for a in algorithms if a in _HMAC)}"
+                f" (RFC 7518 §3.2), got {len(secret.encode())}",
+            )
         cookie = _str(e, "JWT_COOKIE_NAME", "access_token")
-        if not cookie.replace("_", "").replace("-", "").isalnum():
+        # RFC 6265 token, kept to the safe subset; str.isalnum alone accepts non-ASCII letters.
+        if not (cookie.isascii() and cookie.replace("_", "").replace("-", "").isalnum()):
             raise ConfigError("JWT_COOKIE_NAME", f"not a valid cookie name: {cookie!r}")
         return cls(
             redis_url=_redis_url(e, "REDIS_URL"),
-            jwt_secret=_opt(e, "JWT_SECRET"),
+            jwt_secret=secret,
             jwt_public_key=_public_key(e, "JWT_PUBLIC_KEY"),
             jwt_algorithms=algorithms,
             jwt_issuer=_opt(e, "JWT_ISSUER"),
