@@ -13,17 +13,27 @@ from typing import Any, Final, Literal, TypeAlias
 
 import attrs
 import jwt
+from jwt.exceptions import InvalidSubjectError
 
 from rapidphoto_contract.ids import is_valid_id
 from rapidphoto_contract.settings import Settings
 
 TokenFailure: TypeAlias = Literal[
-    "expired", "bad-signature", "malformed", "algorithm", "issuer", "audience", "subject", "claims"
+    "expired",
+    "not-yet-valid",
+    "bad-signature",
+    "malformed",
+    "algorithm",
+    "issuer",
+    "audience",
+    "subject",
+    "claims",
 ]
 
 #: Short human text for each failure, used in 401 bodies; never includes the token itself.
 FAILURE_TEXT: Final[dict[str, str]] = {
     "expired": "token expired",
+    "not-yet-valid": "token is not valid yet (nbf/iat in the future)",
     "bad-signature": "token signature is invalid",
     "malformed": "token is malformed",
     "algorithm": "token algorithm is not accepted",
@@ -32,6 +42,9 @@ FAILURE_TEXT: Final[dict[str, str]] = {
     "subject": "token subject is not a valid user id",
     "claims": "token lacks a required claim (exp, sub)",
 }
+
+#: A missing ``iss``/``aud`` fails the issuer/audience check, not the generic claims one.
+_MISSING_CLAIM: Final[dict[str, TokenFailure]] = {"iss": "issuer", "aud": "audience"}
 
 
 class InvalidToken(Exception):
@@ -86,15 +99,24 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise InvalidToken("expired") from None
+        except jwt.ImmatureSignatureError:
+            # A clock-skew problem between issuer and relay; "malformed" would hide it.
+            raise InvalidToken("not-yet-valid") from None
+        except InvalidSubjectError:
+            # PyJWT >= 2.10 rejects a non-string sub itself; same failure as "sub not an id".
+            raise InvalidToken("subject") from None
         except jwt.InvalidSignatureError:
             raise InvalidToken("bad-signature") from None
         except jwt.InvalidIssuerError:
             raise InvalidToken("issuer") from None
         except jwt.InvalidAudienceError:
             raise InvalidToken("audience") from None
-        except jwt.MissingRequiredClaimError:
-            raise InvalidToken("claims") from None
-        except jwt.InvalidAlgorithmError:
+        except jwt.MissingRequiredClaimError as exc:
+            # PyJWT requires iss/aud itself once they are configured; say which check failed.
+            raise InvalidToken(_MISSING_CLAIM.get(exc.claim, "claims")) from None
+        except (jwt.InvalidAlgorithmError, jwt.InvalidKeyError):
+            # InvalidKeyError is not an InvalidTokenError: an RS256 token against an EC key (with
+            # both algorithms listed) escaped as a 500. The token's algorithm does not fit our key.
             raise InvalidToken("algorithm") from None
         except (jwt.InvalidTokenError, ValueError, TypeError):
             raise InvalidToken("malformed") from None
