@@ -1,0 +1,29 @@
+-- fail_photo_upload (SPEC §3): mark the photo failed, publish PHOTO_FAILED.
+-- KEYS: state, photos, failures, log, owner's notification log
+-- ARGV: session_id, photo_id, owner, occurred_at, maxlen, ttl, session_channel, user_channel,
+--       reason (raw text, stored), reason_json (the same, JSON-encoded by Python, published)
+-- Reply: {'applied', ids...} | {'duplicate'} | {'too_many'} | {'not_found'} | {'owner_changed'}
+local k, a = photo_keys(), photo_args()
+local reason, reason_json = ARGV[9], ARGV[10]
+local session, early = load_photo_session(k, a)
+if early then
+  return early
+end
+
+-- Already uploaded: an uploaded photo is never turned into a failure (SPEC §3).
+-- Already failed: nothing changes, not even the reason. The first report is the one clients have
+-- seen, and a redelivered job must not publish again; a later report of the same outcome is treated
+-- the same way, because telling the two apart would need a delivery id the contract does not have.
+if redis.call('HEXISTS', k.photos, a.photo_id) == 1 then
+  return {'duplicate'}
+end
+if session.uploaded + session.failed >= session.total then
+  return {'too_many'}
+end
+session.failed = session.failed + 1
+-- fseq orders the failures set, so a snapshot can list the most recent failures (SPEC §4).
+local seq = redis.call('HINCRBY', k.state, F_FAILURE_SEQ, 1)
+redis.call('HSET', k.photos, a.photo_id, FAILED_PREFIX .. reason)
+redis.call('ZADD', k.failures, seq, a.photo_id)
+return apply_photo_event(k, a, session, PHOTO_FAILED,
+  ',"photoId":' .. jstr(a.photo_id) .. ',"reason":' .. reason_json)
