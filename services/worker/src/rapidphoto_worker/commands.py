@@ -1,0 +1,277 @@
+"""One function per command (SPEC §3): check, run the command's Lua script, map its reply.
+
+The job functions in :mod:`rapidphoto_worker.main` parse a job's arguments with the contract and call
+these. Each returns a :class:`CommandResult` (``applied``, or ``duplicate`` when nothing changed) or
+raises:
+
+- a :class:`~rapidphoto_worker.errors.CommandError` (``SessionConflict``, ``TooManyPhotos``,
+  ``SessionNotFound``) or ``InvalidCommand``: final, the job fails and nothing changed;
+- ``arq.Retry``: try the job again later, for transient Redis errors and for photo jobs whose session
+  has not been started yet (jobs can overtake each other across workers).
+
+The scripts do all the deciding atomically; Python only reads the session's owner first, because the
+owner names the notification log a photo script may write to (a script may only touch the keys it
+is given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any, Final, Literal, TypeAlias
+
+import attrs
+from arq import Retry
+from redis import exceptions as redis_errors
+
+from rapidphoto_contract import keys
+from rapidphoto_contract.ids import is_valid_id
+from rapidphoto_contract.jobs import (
+    CompletePhotoUpload,
+    FailPhotoUpload,
+    InvalidCommand,
+    StartUploadSession,
+)
+from rapidphoto_worker.context import WorkerContext
+from rapidphoto_worker.errors import CommandError, SessionConflict, SessionNotFound, TooManyPhotos
+
+# --- retries -------------------------------------------------------------------------------------
+
+#: Worth retrying: the server is unreachable, slow, still loading its data set after a restart
+#: (BusyLoadingError is a ConnectionError), a replica during a fail-over, or a cluster slot moving.
+TRANSIENT_ERRORS: Final = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+)
+#: ConnectionError subclasses that a retry will not fix: wrong credentials or ACL rules.
+PERMANENT_ERRORS: Final = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
+
+#: arq's ``max_tries`` for our jobs. On the last try a transient error is left to fail the job, so its
+#: result names the real error. At the backoff cap this is about a minute of retrying an outage.
+MAX_TRIES: Final = 30
+
+#: Backoff before try n+1 is min(CAP, BASE * 2^(n-1)) times a random factor in [MIN_JITTER, 1]:
+#: quick first retries (a session start that is a few ms behind), then at most 2 s between tries.
+#: The jitter spreads out the retries of jobs that failed together.
+BACKOFF_BASE_SECONDS: Final = 0.05
+BACKOFF_CAP_SECONDS: Final = 2.0
+BACKOFF_MIN_JITTER: Final = 0.8
+
+#: SPEC §3: a photo job whose session does not exist yet is retried "for at least 10 s". Read at call
+#: time, so tests may lower it. Counted from the job's *first try*, not from when it was enqueued: a
+#: job that sat in a long queue still gets the full window. arq keeps no first-try time, so we use a
+#: lower bound that needs no extra state: the sum of the smallest delays the backoff can have given
+#: the job so far (:func:`min_waited_seconds`). In practice the job gives up after about 12 s.
+SESSION_WAIT_SECONDS: float = 10.0
+
+
+def _nominal_backoff(job_try: int) -> float:
+    return min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2.0 ** min(job_try - 1, 32))
+
+
+def backoff_seconds(job_try: int) -> float:
+    """How long to defer the next try after try number ``job_try`` (1-based) failed."""
+    return _nominal_backoff(job_try) * random.uniform(BACKOFF_MIN_JITTER, 1.0)
+
+
+def min_waited_seconds(job_try: int) -> float:
+    """A lower bound of the time since the first try, when this is try number ``job_try``."""
+    return sum(_nominal_backoff(n) * BACKOFF_MIN_JITTER for n in range(1, job_try))
+
+
+@contextlib.contextmanager
+def _retry_transient(job_try: int) -> Iterator[None]:
+    """Turn a transient Redis error into ``arq.Retry``. Safe: every script is idempotent."""
+    try:
+        yield
+    except TRANSIENT_ERRORS as exc:
+        if isinstance(exc, PERMANENT_ERRORS) or job_try >= MAX_TRIES:
+            raise
+        raise Retry(defer=backoff_seconds(job_try)) from exc
+
+
+def _session_missing(session_id: str, job_try: int) -> Exception:
+    waited = min_waited_seconds(job_try)
+    if waited < SESSION_WAIT_SECONDS:
+        return Retry(defer=backoff_seconds(job_try))
+    return SessionNotFound(
+        f"session {session_id!r} does not exist: start_upload_session was not run "
+        f"(gave up after {job_try} tries over at least {waited:.0f} s); nothing changed"
+    )
+
+
+# --- results -------------------------------------------------------------------------------------
+
+Outcome: TypeAlias = Literal["applied", "duplicate"]
+
+
+@attrs.frozen(kw_only=True)
+class CommandResult:
+    """What a command did. ``duplicate``: nothing changed and nothing was published."""
+
+    outcome: Outcome
+    #: Entries appended to the session's log, oldest first (the photo event, then SESSION_COMPLETED).
+    event_ids: tuple[str, ...] = ()
+    #: The notification appended to the owner's log when this command completed the session.
+    notification_id: str | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.notification_id is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job's result as arq stores it (JSON, camelCase like the events)."""
+        out: dict[str, Any] = {"outcome": self.outcome, "eventIds": list(self.event_ids)}
+        if self.notification_id is not None:
+            out["notificationId"] = self.notification_id
+        return out
+
+
+DUPLICATE: Final = CommandResult(outcome="duplicate")
+
+
+def _reply(raw: object) -> list[str]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, str) for x in raw):
+        raise RuntimeError(f"unexpected script reply {raw!r}")
+    return raw
+
+
+def _applied(reply: Sequence[str]) -> CommandResult:
+    # {'applied', session event id[, SESSION_COMPLETED id, notification id]}
+    return CommandResult(
+        outcome="applied",
+        event_ids=tuple(reply[1:3]),
+        notification_id=reply[3] if len(reply) > 3 else None,
+    )
+
+
+# --- the commands --------------------------------------------------------------------------------
+
+
+def occurred_at(now: dt.datetime | None = None) -> str:
+    """``occurredAt`` of an event: RFC 3339, UTC, milliseconds, e.g. ``2026-11-27T03:35:59.123Z``."""
+    t = dt.datetime.now(dt.UTC) if now is None else now.astimezone(dt.UTC)
+    return f"{t:%Y-%m-%dT%H:%M:%S}.{t.microsecond // 1000:03d}Z"
+
+
+async def start_upload_session(
+    app: WorkerContext, cmd: StartUploadSession, job_try: int = 1
+) -> CommandResult:
+    """Create the session and publish ``SESSION_STARTED``; same owner and total again: duplicate."""
+    settings = app.settings
+    with _retry_transient(job_try):
+        raw = await app.scripts.start_upload_session(
+            keys=[*keys.session_keys(cmd.session_id), keys.user_notifications_log_key(cmd.user_id)],
+            args=[
+                cmd.session_id,
+                cmd.user_id,
+                cmd.total_photos,
+                occurred_at(),
+                settings.session_log_maxlen,
+                settings.session_ttl_seconds,
+                keys.session_channel(cmd.session_id),
+            ],
+        )
+    reply = _reply(raw)
+    if reply[0] == "applied":
+        return _applied(reply)
+    if reply[0] == "duplicate":
+        return DUPLICATE
+    if reply[0] == "conflict":
+        raise SessionConflict(
+            f"session {cmd.session_id!r} already exists with another owner or total_photos; "
+            "nothing changed"
+        )
+    raise RuntimeError(f"unexpected script reply {reply!r}")
+
+
+async def _owner(app: WorkerContext, session_id: str) -> str | None:
+    owner = await app.redis.hget(keys.session_state_key(session_id), keys.STATE_OWNER)
+    if owner is None:
+        return None
+    if not isinstance(owner, str) or not is_valid_id(owner):
+        raise CommandError(f"session {session_id!r} has a corrupt owner field; nothing changed")
+    return owner
+
+
+def _photo_call(app: WorkerContext, session_id: str, photo_id: str, owner: str) -> dict[str, Any]:
+    """KEYS and the ARGV prefix shared by the photo scripts (see ``photo_args`` in lib.lua)."""
+    settings = app.settings
+    return {
+        "keys": [*keys.session_keys(session_id), keys.user_notifications_log_key(owner)],
+        "args": [
+            session_id,
+            photo_id,
+            owner,
+            occurred_at(),
+            settings.session_log_maxlen,
+            settings.session_ttl_seconds,
+            keys.session_channel(session_id),
+            keys.notification_channel(owner),
+        ],
+    }
+
+
+def _photo_result(raw: object, session_id: str, photo_id: str, job_try: int) -> CommandResult:
+    reply = _reply(raw)
+    status = reply[0]
+    if status == "applied":
+        return _applied(reply)
+    if status == "duplicate":
+        return DUPLICATE
+    if status == "too_many":
+        raise TooManyPhotos(
+            f"session {session_id!r} already has total_photos distinct photos; "
+            f"photo {photo_id!r} would be one more; nothing changed"
+        )
+    if status == "not_found":  # expired or deleted since we read its owner
+        raise _session_missing(session_id, job_try)
+    if status == "owner_changed":  # expired and started again by someone else since; read it again
+        raise Retry(defer=backoff_seconds(1))
+    raise RuntimeError(f"unexpected script reply {reply!r}")
+
+
+async def complete_photo_upload(
+    app: WorkerContext, cmd: CompletePhotoUpload, job_try: int = 1
+) -> CommandResult:
+    """Mark the photo uploaded (moving it out of the failures if it had failed), publish it."""
+    with _retry_transient(job_try):
+        owner = await _owner(app, cmd.session_id)
+        if owner is None:
+            raise _session_missing(cmd.session_id, job_try)
+        raw = await app.scripts.complete_photo_upload(
+            **_photo_call(app, cmd.session_id, cmd.photo_id, owner)
+        )
+    return _photo_result(raw, cmd.session_id, cmd.photo_id, job_try)
+
+
+def _reason_json(reason: str) -> str:
+    # The reason is free text, so Python encodes it, with the contract's JSON settings: Lua's cjson
+    # escapes some characters differently (e.g. "/" and DEL), and the published bytes must be exactly
+    # what rapidphoto_contract.events would produce.
+    try:
+        reason.encode("utf-8")
+    except UnicodeEncodeError:  # a JSON job can carry "\ud800", which Redis cannot store as UTF-8
+        raise InvalidCommand("reason must be valid Unicode text (no unpaired surrogates)") from None
+    return json.dumps(reason, ensure_ascii=False)
+
+
+async def fail_photo_upload(
+    app: WorkerContext, cmd: FailPhotoUpload, job_try: int = 1
+) -> CommandResult:
+    """Mark the photo failed and publish it; a photo already uploaded or failed: duplicate."""
+    reason_json = _reason_json(cmd.reason)
+    with _retry_transient(job_try):
+        owner = await _owner(app, cmd.session_id)
+        if owner is None:
+            raise _session_missing(cmd.session_id, job_try)
+        call = _photo_call(app, cmd.session_id, cmd.photo_id, owner)
+        raw = await app.scripts.fail_photo_upload(
+            keys=call["keys"], args=[*call["args"], cmd.reason, reason_json]
+        )
+    return _photo_result(raw, cmd.session_id, cmd.photo_id, job_try)

@@ -1,0 +1,61 @@
+"""What a job needs, built once per process in ``on_startup`` and kept in arq's ``ctx`` (STYLE §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final, Self
+
+import attrs
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from rapidphoto_contract.settings import Settings
+from rapidphoto_worker.scripts import Scripts, load_scripts
+
+#: Where the :class:`WorkerContext` lives in arq's ``ctx`` dict.
+CTX_KEY: Final = "rapidphoto"
+
+# A Redis call must give up well before arq's job timeout (main.JOB_TIMEOUT_SECONDS, 10 s): a job that
+# times out in arq is failed, not retried, while a Redis timeout here is retried by the command
+# (commands.TRANSIENT_ERRORS). Worst case per call: (connect 1 s + read 2 s) x 2 attempts, about 6 s.
+SOCKET_CONNECT_TIMEOUT_SECONDS: Final = 1.0
+SOCKET_TIMEOUT_SECONDS: Final = 2.0
+#: One quiet reconnect (a pooled connection the server closed); anything longer is the job's retry.
+CLIENT_RETRIES: Final = 1
+
+
+@attrs.frozen(kw_only=True)
+class WorkerContext:
+    """The process's settings, its Redis client (``str`` replies) and the loaded command scripts."""
+
+    settings: Settings
+    redis: aioredis.Redis = attrs.field(repr=False)
+    scripts: Scripts = attrs.field(repr=False)
+
+    @classmethod
+    async def create(cls, settings: Settings) -> Self:
+        client = aioredis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
+            socket_timeout=SOCKET_TIMEOUT_SECONDS,
+            retry=RedisRetry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), CLIENT_RETRIES),
+        )
+        try:
+            scripts = await load_scripts(client)
+        except BaseException:
+            await client.aclose()
+            raise
+        return cls(settings=settings, redis=client, scripts=scripts)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+def from_ctx(ctx: Mapping[str, Any]) -> WorkerContext:
+    """The :class:`WorkerContext` that ``on_startup`` stored in arq's ``ctx``."""
+    app = ctx.get(CTX_KEY)
+    if not isinstance(app, WorkerContext):
+        raise RuntimeError("worker context missing: on_startup did not run")
+    return app

@@ -1,0 +1,58 @@
+"""Structured logs: one JSON object per line on stderr, fields rather than prose.
+
+A job ends with exactly one line from :mod:`rapidphoto_worker.main` (``job`` = name, ``outcome`` =
+``applied`` | ``duplicate`` | ``retry`` | ``failed``, ids, timing). arq's own per-job lines say the same
+with less detail and, for the failures we expect (bad arguments, conflicts), a traceback, so they are
+dropped; arq's other lines (start-up, shutdown, "max retries exceeded") are kept. Nothing secret is
+logged: no Redis URL (it may hold a password), no failure reasons (user text).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any, Final
+
+#: ``logger.info(msg, extra={FIELDS: {...}})`` adds those fields to the line.
+FIELDS: Final = "fields"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, Mapping):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class DropArqJobLines(logging.Filter):
+    """Drop arq's per-job lines (all start with a ``%6.2fs`` duration) except "max retries exceeded",
+    which is logged before our job function runs and so has no line of ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        return not (isinstance(msg, str) and msg.startswith("%6.2fs") and "max retries" not in msg)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    arq_worker = logging.getLogger("arq.worker")
+    if not any(isinstance(f, DropArqJobLines) for f in arq_worker.filters):
+        arq_worker.addFilter(DropArqJobLines())

@@ -1,0 +1,261 @@
+"""The arq worker: its settings, start-up and shutdown, the job functions, the console script.
+
+``rapidphoto-worker`` is ``arq rapidphoto_worker.main.WorkerSettings`` with the Redis connection taken
+from ``REDIS_URL`` (SPEC §2). The job functions are thin: parse the arguments with the contract (bad
+ones raise ``InvalidCommand``: the job fails, is not retried and changes nothing), run the command,
+log one line, return a small JSON result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, ClassVar, Final
+
+from arq import Retry, func, run_worker
+from arq.connections import ArqRedis, RedisSettings
+from arq.worker import Function
+from redis import exceptions as redis_errors
+
+from rapidphoto_contract.ids import is_valid_id
+from rapidphoto_contract.jobs import (
+    COMPLETE_PHOTO_UPLOAD,
+    FAIL_PHOTO_UPLOAD,
+    QUEUE_NAME,
+    START_UPLOAD_SESSION,
+    CompletePhotoUpload,
+    FailPhotoUpload,
+    InvalidCommand,
+    StartUploadSession,
+    deserialize_job,
+    serialize_job,
+)
+from rapidphoto_contract.settings import ConfigError, Settings
+from rapidphoto_worker import commands
+from rapidphoto_worker.commands import CommandResult
+from rapidphoto_worker.context import CTX_KEY, WorkerContext, from_ctx
+from rapidphoto_worker.errors import CommandError
+from rapidphoto_worker.logs import FIELDS, configure_logging
+
+log = logging.getLogger("rapidphoto.worker")
+
+#: A job takes milliseconds; this only bounds a stuck one. It also decides how soon a job held by a
+#: worker that died (SIGKILL, OOM) runs again: arq's in-progress mark lives job_timeout + 10 s.
+#: A Redis call gives up first (context.SOCKET_TIMEOUT_SECONDS), so a slow Redis means a retry.
+JOB_TIMEOUT_SECONDS: Final = 10
+#: Jobs one process runs at a time. Each is a couple of Redis round trips, so concurrency is what
+#: keeps the process busy; more than this only lengthens arq's queue scans. See loadtests/bench_worker.py.
+MAX_JOBS: Final = 50
+#: How long an idle worker waits before looking at the queue again: the latency a job sees when the
+#: worker is idle. One ZRANGEBYSCORE per poll.
+POLL_DELAY_SECONDS: Final = 0.05
+#: SPEC §3: "Job results are kept as arq keeps them (one hour by default)".
+KEEP_RESULT_SECONDS: Final = 3600
+#: On SIGTERM stop taking jobs and let running ones finish for this long before cancelling them (a
+#: cancelled job is run again; its script either ran whole or not at all).
+SHUTDOWN_GRACE_SECONDS: Final = 5
+
+#: main() hands the Settings it validated to on_startup through arq's ctx under this key.
+SETTINGS_CTX_KEY: Final = "rapidphoto_settings"
+
+
+# --- lifecycle -----------------------------------------------------------------------------------
+
+
+async def _check_same_redis(pool: ArqRedis, app: WorkerContext) -> None:
+    # arq takes jobs from its own pool; the scripts run on ours. Under `arq <module>.WorkerSettings`
+    # arq's pool does not come from REDIS_URL, so make sure both reach the same server and database.
+    queue_info, state_info = await pool.info("server"), await app.redis.info("server")
+    queue_db = pool.connection_pool.connection_kwargs.get("db", 0)
+    state_db = app.redis.connection_pool.connection_kwargs.get("db", 0)
+    if (queue_info.get("run_id"), int(queue_db)) != (state_info.get("run_id"), int(state_db)):
+        raise ConfigError(
+            "REDIS_URL",
+            "arq takes jobs from another Redis server or database than REDIS_URL names; "
+            "start the worker with rapidphoto-worker, which uses REDIS_URL for both",
+        )
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """arq ``on_startup``: build the settings (unless main() did), the Redis client, the scripts."""
+    settings = ctx.get(SETTINGS_CTX_KEY)
+    if not isinstance(settings, Settings):
+        settings = Settings.from_env()
+    app = await WorkerContext.create(settings)
+    try:
+        await _check_same_redis(ctx["redis"], app)
+    except BaseException:
+        await app.aclose()
+        raise
+    ctx[CTX_KEY] = app
+    log.info(
+        "worker ready",
+        extra={
+            FIELDS: {
+                "queue": QUEUE_NAME,
+                "session_ttl_seconds": settings.session_ttl_seconds,
+                "session_log_maxlen": settings.session_log_maxlen,
+                "max_jobs": MAX_JOBS,
+            }
+        },
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    """arq ``on_shutdown``: close what startup opened."""
+    app = ctx.pop(CTX_KEY, None)
+    if isinstance(app, WorkerContext):
+        await app.aclose()
+    log.info("worker stopped")
+
+
+# --- the jobs ------------------------------------------------------------------------------------
+
+Handler = Callable[[WorkerContext, int], Awaitable[CommandResult]]
+
+
+def _id_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    # Only ids that are valid go to the log: anything else may be huge or hostile.
+    return {
+        name: kwargs[name]
+        for name in ("session_id", "photo_id", "user_id")
+        if is_valid_id(kwargs.get(name))
+    }
+
+
+async def _run(
+    ctx: Mapping[str, Any], job: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], run: Handler
+) -> dict[str, Any]:
+    """Run one job and log its one outcome line: applied, duplicate, retry or failed."""
+    started = time.perf_counter()
+    job_try = int(ctx.get("job_try", 1))
+    fields: dict[str, Any] = {"job": job, "job_id": ctx.get("job_id"), "try": job_try}
+    fields.update(_id_fields(kwargs))
+
+    def done(level: int, outcome: str, **more: Any) -> None:
+        fields.update(outcome=outcome, ms=round((time.perf_counter() - started) * 1000, 2), **more)
+        log.log(level, "job %s", outcome, extra={FIELDS: fields})
+
+    try:
+        if args:  # SPEC §3: jobs are called with keyword arguments
+            raise InvalidCommand(f"{job}: takes keyword arguments only, got {len(args)} positional")
+        result = await run(from_ctx(ctx), job_try)
+    except Retry as exc:
+        cause = exc.__cause__
+        done(
+            logging.INFO,
+            "retry",
+            defer_ms=exc.defer_score,
+            reason=type(cause).__name__ if cause else "session-not-started",
+        )
+        raise
+    except (InvalidCommand, CommandError) as exc:
+        done(logging.WARNING, "failed", error=type(exc).__name__, detail=str(exc))
+        raise
+    except Exception as exc:
+        fields.update(error=type(exc).__name__)
+        done(logging.ERROR, "failed")
+        log.exception("job %s raised", job, extra={FIELDS: {"job_id": ctx.get("job_id")}})
+        raise
+    done(logging.INFO, result.outcome, event_ids=list(result.event_ids))
+    return result.to_dict()
+
+
+async def start_upload_session(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    async def run(app: WorkerContext, job_try: int) -> CommandResult:
+        return await commands.start_upload_session(app, StartUploadSession.parse(kwargs), job_try)
+
+    return await _run(ctx, START_UPLOAD_SESSION, args, kwargs, run)
+
+
+async def complete_photo_upload(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    async def run(app: WorkerContext, job_try: int) -> CommandResult:
+        return await commands.complete_photo_upload(app, CompletePhotoUpload.parse(kwargs), job_try)
+
+    return await _run(ctx, COMPLETE_PHOTO_UPLOAD, args, kwargs, run)
+
+
+async def fail_photo_upload(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    async def run(app: WorkerContext, job_try: int) -> CommandResult:
+        return await commands.fail_photo_upload(app, FailPhotoUpload.parse(kwargs), job_try)
+
+    return await _run(ctx, FAIL_PHOTO_UPLOAD, args, kwargs, run)
+
+
+class WorkerSettings:
+    """arq's worker settings (``arq rapidphoto_worker.main.WorkerSettings`` reads these)."""
+
+    functions: ClassVar[list[Function]] = [
+        func(start_upload_session, name=START_UPLOAD_SESSION),
+        func(complete_photo_upload, name=COMPLETE_PHOTO_UPLOAD),
+        func(fail_photo_upload, name=FAIL_PHOTO_UPLOAD),
+    ]
+    queue_name = QUEUE_NAME
+    # SPEC §3: JSON both ways, never pickle (unpickling data from Redis would run its code).
+    job_serializer = serialize_job
+    job_deserializer = deserialize_job
+    on_startup = startup
+    on_shutdown = shutdown
+    job_timeout = JOB_TIMEOUT_SECONDS
+    max_tries = commands.MAX_TRIES
+    max_jobs = MAX_JOBS
+    poll_delay = POLL_DELAY_SECONDS
+    keep_result = KEEP_RESULT_SECONDS
+    job_completion_wait = SHUTDOWN_GRACE_SECONDS
+
+
+# --- the console script --------------------------------------------------------------------------
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    """arq's connection settings for ``REDIS_URL``."""
+    try:
+        return RedisSettings.from_dsn(settings.redis_url)
+    except (ValueError, RuntimeError) as exc:
+        # Not the URL itself: it may hold a password.
+        raise ConfigError("REDIS_URL", f"not a valid Redis URL ({exc})") from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``rapidphoto-worker``: run the worker until SIGTERM/SIGINT (or, with --burst, an empty queue)."""
+    parser = argparse.ArgumentParser(
+        prog="rapidphoto-worker",
+        description="Run the RapidPhoto upload-session worker (an arq worker). "
+        "Configured by environment variables: REDIS_URL, SESSION_TTL_SECONDS, SESSION_LOG_MAXLEN.",
+    )
+    parser.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    options = parser.parse_args(argv)
+    configure_logging()
+    try:
+        settings = Settings.from_env()
+        arq_redis = redis_settings(settings)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc, extra={FIELDS: {"variable": exc.variable}})
+        raise SystemExit(2) from None
+    # arq's Worker takes the current event loop; give it a fresh one rather than rely on
+    # asyncio.get_event_loop() creating one, which newer Pythons no longer do.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    try:
+        run_worker(
+            WorkerSettings,  # type: ignore[arg-type]
+            redis_settings=arq_redis,
+            ctx={SETTINGS_CTX_KEY: settings},
+            burst=options.burst,
+        )
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc, extra={FIELDS: {"variable": exc.variable}})
+        raise SystemExit(2) from None
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        log.error(
+            "cannot reach Redis: %s",
+            exc,
+            extra={FIELDS: {"host": arq_redis.host, "port": arq_redis.port}},
+        )
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
