@@ -19,8 +19,9 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import attrs
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from arq.jobs import Job
+from redis.asyncio import ConnectionPool
 
 from rapidphoto_contract.ids import validate_id, validate_session_id
 
@@ -108,6 +109,11 @@ class FailPhotoUpload:
             raise InvalidCommand("reason must be a non-empty string")
         if len(reason) > MAX_REASON_LENGTH:
             raise InvalidCommand(f"reason must be at most {MAX_REASON_LENGTH} characters")
+        try:
+            reason.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON "\ud800") survives the job codec but not the UTF-8 wire.
+            raise InvalidCommand("reason must be valid Unicode text (no lone surrogates)") from None
         return cls(
             session_id=_valid(validate_session_id, kwargs["session_id"]),
             photo_id=_valid(validate_id, "photo_id", kwargs["photo_id"]),
@@ -140,10 +146,10 @@ def _default(obj: object) -> object:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def _hook(data: dict[str, Any]) -> Any:
-    if EXCEPTION_KEY in data:
-        return JobError(str(data[EXCEPTION_KEY]), str(data.get("message", "")))
-    return data
+def _revive(result: object) -> object:
+    if isinstance(result, dict) and EXCEPTION_KEY in result:
+        return JobError(str(result[EXCEPTION_KEY]), str(result.get("message", "")))
+    return result
 
 
 def serialize_job(data: dict[str, Any]) -> bytes:
@@ -153,9 +159,13 @@ def serialize_job(data: dict[str, Any]) -> bytes:
 
 def deserialize_job(raw: bytes) -> dict[str, Any]:
     """arq ``job_deserializer``: the inverse of :func:`serialize_job`."""
-    data = json.loads(raw, object_hook=_hook)
+    data = json.loads(raw)
     if not isinstance(data, dict):
         raise ValueError("a job must be a JSON object")
+    # Only a result ("r") can be an exception. Reviving any nested dict (as an object_hook would)
+    # let a job's own kwargs turn into a JobError.
+    if "r" in data:
+        data["r"] = _revive(data["r"])
     return data
 
 
@@ -230,12 +240,22 @@ class _Connecting:
         self._client: UploadJobsClient | None = None
 
     async def _open(self) -> UploadJobsClient:
-        pool = await create_pool(
-            RedisSettings.from_dsn(self._url),
+        # Not arq's create_pool: it passes redis-py's deprecated ``retry_on_timeout`` (a
+        # DeprecationWarning on every connect with redis-py >= 6, an error under
+        # ``filterwarnings = error``) and retries a dead Redis for 5 s. redis-py parses the URL
+        # itself (redis://, rediss://, unix://, ?db=), the same forms Settings accepts.
+        pool = ArqRedis(
+            connection_pool=ConnectionPool.from_url(self._url),
             job_serializer=serialize_job,
             job_deserializer=deserialize_job,
             default_queue_name=QUEUE_NAME,
         )
+        pool.auto_close_connection_pool = True  # closing the client closes its own pool
+        try:
+            await pool.ping()
+        except BaseException:
+            await pool.aclose()
+            raise
         return UploadJobsClient(pool, owns_pool=True)
 
     def __await__(self) -> Any:
