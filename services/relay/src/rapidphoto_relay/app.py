@@ -1,0 +1,123 @@
+"""``create_app(settings)``: the relay's routes, lifespan, dependencies and error format."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.openapi.config import OpenAPIConfig
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.tokens import TokenVerifier
+from rapidphoto_relay import health, streams
+from rapidphoto_relay.auth import Authenticator
+from rapidphoto_relay.errors import RelayHTTPError
+from rapidphoto_relay.metrics import RelayMetrics
+from rapidphoto_relay.services import RelayServices, open_services
+
+#: State key of the per-process services, set by the lifespan.
+SERVICES_STATE_KEY = "relay_services"
+
+
+def _services(state: State) -> RelayServices:
+    services = state.get(SERVICES_STATE_KEY)
+    if not isinstance(services, RelayServices):
+        raise RuntimeError("relay services are not running (lifespan did not start)")
+    return services
+
+
+def _relay_error(_: Request[Any, Any, Any], exc: RelayHTTPError) -> Response[dict[str, str]]:
+    return Response({"error": exc.message}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, str]]:
+    # Litestar's own errors (404, 405, parameter validation) in the same {"error": ...} shape.
+    return Response(
+        {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers or None
+    )
+
+
+def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
+    return Response({"error": "internal error"}, status_code=HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+@get("/metrics", summary="Prometheus metrics", tags=["health"], media_type=MediaType.TEXT)
+async def metrics_endpoint(state: State) -> Response[bytes]:
+    metrics: RelayMetrics = state["metrics"]
+    return Response(metrics.render(), media_type=metrics.content_type)
+
+
+_DEMO_PLACEHOLDER = b"""<!doctype html>
+<meta charset="utf-8"><title>RapidPhoto live progress</title>
+<p>The live progress page is not built yet. See <a href="/schema">the API</a>.</p>
+"""
+
+
+@get("/demo", summary="Live progress page (RELAY_DEMO=1)", tags=["demo"], media_type=MediaType.HTML)
+async def demo() -> Response[bytes]:
+    return Response(_DEMO_PLACEHOLDER, media_type=MediaType.HTML)
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The relay app; ``settings`` is built once by the entrypoint (STYLE §4)."""
+    metrics = RelayMetrics()
+    authenticator = Authenticator(TokenVerifier(settings), settings.jwt_cookie_name, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with open_services(settings, metrics) as services:
+            app.state[SERVICES_STATE_KEY] = services
+            try:
+                yield
+            finally:
+                # Normally empty by now (the server closed them on SIGTERM); this is the backstop.
+                await services.registry.shutdown(within=2.0)
+                del app.state[SERVICES_STATE_KEY]
+
+    cors = (
+        CORSConfig(
+            allow_origins=list(settings.relay_cors_origins),
+            allow_credentials=True,
+            allow_methods=["GET", "OPTIONS"],
+            allow_headers=["Authorization", "Last-Event-ID", "Cache-Control"],
+            expose_headers=["Retry-After"],
+        )
+        if settings.relay_cors_origins
+        else None
+    )
+    handlers: list[Any] = [
+        streams.notification_stream,
+        streams.session_stream,
+        health.live,
+        health.ready,
+        health.info,
+        metrics_endpoint,
+    ]
+    if settings.relay_demo:
+        handlers.append(demo)
+    return Litestar(
+        route_handlers=handlers,
+        lifespan=[lifespan],
+        dependencies={"services": Provide(_services, sync_to_thread=False)},
+        state=State({"authenticator": authenticator, "metrics": metrics, "settings": settings}),
+        exception_handlers={
+            RelayHTTPError: _relay_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+        cors_config=cors,
+        openapi_config=OpenAPIConfig(
+            title="RapidPhoto relay",
+            version="0.1.0",
+            description="Authenticated Server-Sent Events of upload progress (SPEC §5).",
+            path="/schema",
+        ),
+        logging_config=None,
+    )

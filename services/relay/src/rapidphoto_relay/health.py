@@ -1,0 +1,56 @@
+"""Liveness and readiness (SPEC §5), and the service description at ``/api/realtime/info``.
+
+Ready means this process can serve a stream right now: its pub/sub connection is up with every
+channel confirmed, and the commands connection answers a PING. A load balancer should stop sending
+new clients to a relay that is not ready; its open streams stay open on heartbeats meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final
+
+from litestar import Response, get
+from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+from redis.exceptions import RedisError
+
+from rapidphoto_contract.events import MESSAGE_TYPES
+from rapidphoto_relay.services import RelayServices
+
+PING_TIMEOUT_SECONDS: Final = 1.0
+
+
+@get("/health/live", summary="The process is up", tags=["health"], sync_to_thread=False)
+def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/health/ready", summary="Redis and the subscription are up", tags=["health"])
+async def ready(services: RelayServices) -> Response[dict[str, Any]]:
+    redis_ok = False
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+            redis_ok = bool(await services.redis.ping())
+    except (RedisError, OSError, TimeoutError):
+        redis_ok = False
+    subscription_ok = services.hub.ready
+    ok = redis_ok and subscription_ok and not services.registry.shutting_down
+    return Response(
+        {
+            "status": "ready" if ok else "unavailable",
+            "redis": redis_ok,
+            "subscription": subscription_ok,
+            "openStreams": len(services.registry),
+        },
+        status_code=HTTP_200_OK if ok else HTTP_503_SERVICE_UNAVAILABLE,
+    )
+
+
+@get("/api/realtime/info", summary="How to subscribe", tags=["info"], sync_to_thread=False)
+def info() -> dict[str, Any]:
+    return {
+        "sessionStreamEndpoint": "/api/upload/sessions/{sessionId}/stream",
+        "notificationStreamEndpoint": "/api/upload/sessions/notifications/stream",
+        "protocol": "SSE",
+        "messageTypes": list(MESSAGE_TYPES),
+    }

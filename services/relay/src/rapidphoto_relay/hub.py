@@ -1,0 +1,308 @@
+"""The one Redis pub/sub subscription of a relay process, shared by all of its streams (SPEC §1).
+
+- Channels are reference counted: subscribed when their first local stream opens, unsubscribed when
+  the last one closes. :meth:`Hub.subscribe` returns only once Redis has *confirmed* the
+  subscription, so a stream that reads its log afterwards cannot miss an event published in between.
+- One reader task reads the connection. Each message is validated and framed once
+  (:mod:`rapidphoto_relay.payload`) and the same :class:`~rapidphoto_relay.subscriber.Message` is
+  pushed into every local subscriber's bounded buffer without waiting (STYLE §6).
+- When the connection fails the hub reconnects with exponential backoff and full jitter, resubscribes
+  every channel, and once each channel is confirmed asks its streams to resync from the event log
+  (what they missed meanwhile; SPEC §5). ``ready`` is false in between (``/health/ready`` is 503).
+- A PING every ``ping_interval`` seconds of silence detects a dead link that never reports an error.
+
+Confirmations are matched by counting: every SUBSCRIBE/UNSUBSCRIBE sent for a channel is answered
+in order, so a channel is confirmed when the reply to the *last* command sent for it is a
+``subscribe`` (an unsubscribe quickly followed by a subscribe must not be confirmed by a stale reply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterable
+from typing import Any, Final
+
+from redis.exceptions import RedisError
+
+from rapidphoto_relay.metrics import RelayMetrics
+from rapidphoto_relay.payload import InvalidPayload, parse_payload
+from rapidphoto_relay.subscriber import Subscriber
+from rapidphoto_relay.transport import PubSubConnection, PubSubTransport
+
+log = logging.getLogger("rapidphoto_relay.hub")
+
+#: Channels per SUBSCRIBE command when resubscribing after a reconnection.
+RESUBSCRIBE_CHUNK: Final = 500
+#: At most one "dropped payload" log line per this many seconds (a flood must not flood the logs).
+DROP_LOG_INTERVAL: Final = 1.0
+
+_CONNECTION_ERRORS: Final = (RedisError, OSError, ValueError)
+
+
+class HubUnavailable(Exception):
+    """The subscription could not be confirmed in time (Redis down or slow)."""
+
+
+class _Channel:
+    __slots__ = ("confirmed", "needs_resync", "subscribers")
+
+    def __init__(self, confirmed: asyncio.Future[None]) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.confirmed = confirmed
+        #: Set while the connection is down: the channel's streams resync once it is confirmed again.
+        self.needs_resync = False
+
+
+class Hub:
+    def __init__(
+        self,
+        transport: PubSubTransport,
+        metrics: RelayMetrics,
+        *,
+        ping_interval: float = 5.0,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 5.0,
+    ) -> None:
+        self._transport = transport
+        self._metrics = metrics
+        self._ping_interval = ping_interval
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._channels: dict[str, _Channel] = {}
+        self._unacked: dict[str, int] = {}
+        self._conn: PubSubConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        #: Channels whose last stream closed, unsubscribed in batches by one flusher task.
+        self._to_unsubscribe: set[str] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
+        self._dropped_since_log = 0
+        self._last_drop_log = 0.0
+        self.connected = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Hub:
+        self._task = asyncio.create_task(self._run(), name="relay-hub-reader")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing = True
+        for task in (self._task, self._flusher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._drop_connection()
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and every channel with local streams confirmed."""
+        return self.connected and all(ch.confirmed.done() for ch in self._channels.values())
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    def subscriber_count(self, channel: str) -> int:
+        state = self._channels.get(channel)
+        return len(state.subscribers) if state else 0
+
+    # --- subscriptions -------------------------------------------------------------------------
+
+    async def subscribe(self, channel: str, subscriber: Subscriber, within: float = 5.0) -> None:
+        """Add ``subscriber`` to ``channel``; return once Redis confirmed the subscription."""
+        state = self._channels.get(channel)
+        if state is None:
+            state = _Channel(asyncio.get_running_loop().create_future())
+            self._channels[channel] = state
+            self._metrics.subscribed_channels.set(len(self._channels))
+            # Still subscribed in Redis if its UNSUBSCRIBE was not flushed yet: cancel that, and
+            # SUBSCRIBE again anyway, as its reply is the confirmation we wait for.
+            self._to_unsubscribe.discard(channel)
+            await self._send_subscriptions("SUBSCRIBE", [channel])
+        state.subscribers.add(subscriber)
+        if state.confirmed.done():
+            return
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.shield(state.confirmed)
+        except TimeoutError:
+            self.unsubscribe(channel, subscriber)
+            raise HubUnavailable(f"subscription to {channel} not confirmed in {within}s") from None
+
+    def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
+        """Remove ``subscriber``; the last one out unsubscribes the channel.
+
+        Synchronous, so a stream's cleanup cannot be interrupted half way by a cancellation; the
+        UNSUBSCRIBE itself is sent by a flusher task, batched when many streams close at once.
+        """
+        state = self._channels.get(channel)
+        if state is None:
+            return
+        state.subscribers.discard(subscriber)
+        if state.subscribers:
+            return
+        del self._channels[channel]
+        self._metrics.subscribed_channels.set(len(self._channels))
+        if not state.confirmed.done():
+            state.confirmed.cancel()
+        if self.connected:
+            self._to_unsubscribe.add(channel)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush_unsubscribes())
+
+    async def _flush_unsubscribes(self) -> None:
+        await asyncio.sleep(0)  # let a burst of closing streams accumulate
+        while self._to_unsubscribe:
+            names = [c for c in self._to_unsubscribe if c not in self._channels]
+            self._to_unsubscribe.clear()
+            for start in range(0, len(names), RESUBSCRIBE_CHUNK):
+                await self._send_subscriptions(
+                    "UNSUBSCRIBE", names[start : start + RESUBSCRIBE_CHUNK]
+                )
+
+    async def _send_subscriptions(self, command: str, channels: list[str]) -> None:
+        conn = self._conn
+        if conn is None or not self.connected:
+            return  # the reconnection resubscribes whatever channels exist by then
+        for channel in channels:
+            # Counted before sending: the reply may be read before our write call returns.
+            self._unacked[channel] = self._unacked.get(channel, 0) + 1
+        try:
+            await conn.send(command, *channels)
+        except _CONNECTION_ERRORS as exc:
+            log.warning("pub/sub write failed", extra={"error": str(exc)})
+            await self._drop_connection()
+
+    # --- the reader ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            try:
+                conn = await self._transport.connect()
+            except _CONNECTION_ERRORS as exc:
+                attempt += 1
+                delay = self._backoff(attempt)
+                log.warning(
+                    "redis pub/sub unreachable, retrying",
+                    extra={"error": str(exc), "retry_in_s": round(delay, 3)},
+                )
+                await asyncio.sleep(delay)
+                continue
+            if attempt > 0 or self._channels:
+                self._metrics.redis_reconnects.inc()
+            attempt = 0
+            self._conn = conn
+            self._unacked = {}
+            self.connected = True
+            log.info("redis pub/sub connected", extra={"channels": len(self._channels)})
+            try:
+                await self._resubscribe_all()
+                await self._read_loop(conn)
+            except _CONNECTION_ERRORS as exc:
+                log.warning("redis pub/sub connection lost", extra={"error": str(exc)})
+            await self._drop_connection()
+            attempt = 1
+            await asyncio.sleep(self._backoff(attempt))
+
+    def _backoff(self, attempt: int) -> float:
+        # Full jitter (AWS architecture blog, "Exponential Backoff and Jitter"): relays restarted
+        # together must not reconnect in lockstep.
+        cap = min(self._backoff_cap, self._backoff_base * 2 ** min(attempt, 16))
+        return random.uniform(cap / 2, cap)
+
+    async def _resubscribe_all(self) -> None:
+        names = list(self._channels)
+        for start in range(0, len(names), RESUBSCRIBE_CHUNK):
+            await self._send_subscriptions("SUBSCRIBE", names[start : start + RESUBSCRIBE_CHUNK])
+
+    async def _read_loop(self, conn: PubSubConnection) -> None:
+        ping_sent = False
+        while True:
+            reply = await conn.read(self._ping_interval)
+            if reply is None:
+                if ping_sent:
+                    raise ValueError(f"no reply to PING within {self._ping_interval}s")
+                await conn.send("PING")
+                ping_sent = True
+                continue
+            ping_sent = False
+            self._handle(reply)
+
+    def _handle(self, reply: list[Any]) -> None:
+        kind = reply[0]
+        if kind == b"message":
+            self._dispatch(reply[1], reply[2])
+        elif kind in (b"subscribe", b"unsubscribe"):
+            channel = reply[1].decode()
+            left = self._unacked.get(channel, 0) - 1
+            if left > 0:
+                self._unacked[channel] = left
+                return
+            self._unacked.pop(channel, None)
+            state = self._channels.get(channel)
+            if kind == b"subscribe" and state is not None:
+                self._confirm(state)
+        # b"pong" and anything else: only proof of life
+
+    def _confirm(self, state: _Channel) -> None:
+        if not state.confirmed.done():
+            state.confirmed.set_result(None)
+        if state.needs_resync:
+            state.needs_resync = False
+            for subscriber in state.subscribers:
+                subscriber.request_resync()
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        state = self._channels.get(channel.decode())
+        if state is None or not state.subscribers:
+            return  # in flight while we unsubscribed
+        try:
+            message = parse_payload(data)
+        except InvalidPayload as exc:
+            self._dropped(channel, data, exc.reason)
+            return
+        subscribers = state.subscribers
+        for subscriber in subscribers:
+            subscriber.push(message)
+        self._metrics.events_delivered.inc(len(subscribers))
+
+    def _dropped(self, channel: bytes, data: bytes, reason: str) -> None:
+        self._metrics.events_dropped.labels(reason).inc()
+        self._dropped_since_log += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL:
+            log.warning(
+                "dropped invalid channel payload",
+                extra={
+                    "channel": channel.decode(errors="replace"),
+                    "reason": reason,
+                    "bytes": len(data),
+                    "dropped_since_last_line": self._dropped_since_log,
+                },
+            )
+            self._dropped_since_log = 0
+            self._last_drop_log = now
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        was_connected, self.connected = self.connected, False
+        self._to_unsubscribe.clear()  # a new connection starts with no subscriptions
+        if was_connected:
+            self._mark_all_for_resync(self._channels.values())
+        if conn is not None:
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                await conn.close()
+
+    def _mark_all_for_resync(self, channels: Iterable[_Channel]) -> None:
+        loop = asyncio.get_running_loop()
+        for state in channels:
+            state.needs_resync = True
+            if state.confirmed.done():
+                state.confirmed = loop.create_future()

@@ -1,0 +1,101 @@
+"""``rapidphoto-relay``: serve the relay with uvicorn (uvloop + httptools).
+
+Settings come from the environment once, here (STYLE §4); ``--host``/``--port`` override
+``RELAY_HOST``/``RELAY_PORT``. A missing or invalid variable exits with a message naming it.
+
+Shutdown: uvicorn waits for open responses to finish before it runs the lifespan shutdown, and an
+SSE response never finishes by itself, so on SIGTERM/SIGINT :class:`RelayServer` first tells every
+stream to close (``STREAM_CLOSED shutdown``, SPEC §5) and only then lets uvicorn proceed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from types import FrameType
+from typing import Final
+
+import attrs
+import uvicorn
+
+from rapidphoto_contract.settings import ConfigError, Settings
+from rapidphoto_relay.app import SERVICES_STATE_KEY, create_app
+from rapidphoto_relay.logs import logging_config
+from rapidphoto_relay.services import RelayServices
+
+#: SPEC §5: all streams closed within 5 s of SIGTERM; uvicorn's own deadline is the backstop.
+SHUTDOWN_SECONDS: Final = 4.0
+
+
+class RelayServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shutdown_task: asyncio.Future[None] | None = None
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler runs between bytecodes of whatever the loop was doing: only schedule.
+        if self._loop is not None and not self.should_exit:
+            self._loop.call_soon_threadsafe(self._close_streams)
+        super().handle_exit(sig, frame)
+
+    def _close_streams(self) -> None:
+        app = self.config.loaded_app if self.config.loaded else None
+        services = _find_services(app)
+        if services is not None:
+            self._shutdown_task = asyncio.ensure_future(
+                services.registry.shutdown(SHUTDOWN_SECONDS - 0.5)
+            )
+
+
+def _find_services(app: object) -> RelayServices | None:
+    # uvicorn wraps the app in middleware (proxy headers); walk down to the Litestar app.
+    for _ in range(5):
+        state = getattr(app, "state", None)
+        if state is not None:
+            services = state.get(SERVICES_STATE_KEY) if hasattr(state, "get") else None
+            return services if isinstance(services, RelayServices) else None
+        app = getattr(app, "app", None)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rapidphoto-relay", description="Serve RapidPhoto's SSE relay (SPEC §5)."
+    )
+    parser.add_argument("--host", help="listen address (overrides RELAY_HOST)")
+    parser.add_argument("--port", type=int, help="listen port (overrides RELAY_PORT)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        settings.require_jwt_key()
+    except ConfigError as exc:
+        print(f"rapidphoto-relay: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.host:
+        settings = attrs.evolve(settings, relay_host=args.host)
+    if args.port is not None:
+        settings = attrs.evolve(settings, relay_port=args.port)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.relay_host,
+        port=settings.relay_port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=logging_config(),
+        access_log=True,
+        timeout_graceful_shutdown=int(SHUTDOWN_SECONDS),
+        # Many idle streams: keep per-connection defaults; no request limit, no reload.
+        backlog=4096,
+    )
+    RelayServer(config).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Prometheus metrics of one relay process, in their own registry (served at ``/metrics``).
+
+Counters are incremented where the work is done once: ``events_delivered`` by the number of local
+subscribers once per message (not once per write), so the hot path pays nothing per delivery.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+#: Publish-to-write lag buckets (seconds): the acceptance bar is 500 ms (SPEC §1).
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RelayMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.open_streams = Gauge(
+            "rapidphoto_relay_open_streams", "SSE streams open now", ["kind"], registry=r
+        )
+        self.subscribed_channels = Gauge(
+            "rapidphoto_relay_subscribed_channels",
+            "Redis pub/sub channels this process is subscribed to",
+            registry=r,
+        )
+        self.events_delivered = Counter(
+            "rapidphoto_relay_events_delivered",
+            "Live channel messages handed to local streams (one per message and subscriber)",
+            registry=r,
+        )
+        self.events_dropped = Counter(
+            "rapidphoto_relay_events_dropped",
+            "Channel payloads dropped for breaking the SPEC §4 payload rule",
+            ["reason"],
+            registry=r,
+        )
+        self.stream_closes = Counter(
+            "rapidphoto_relay_stream_closes",
+            "Streams closed, by reason (slow-consumer, token-expired, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.slow_consumer_closes = Counter(
+            "rapidphoto_relay_slow_consumer_closes",
+            "Streams closed because their bounded buffer overflowed",
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "rapidphoto_relay_auth_failures",
+            "Requests refused with 401, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.rejected_streams = Counter(
+            "rapidphoto_relay_rejected_streams",
+            "Stream requests refused by a connection limit (process: 503, user: 429)",
+            ["limit"],
+            registry=r,
+        )
+        self.redis_reconnects = Counter(
+            "rapidphoto_relay_redis_reconnects",
+            "Times the pub/sub connection was re-established after a failure",
+            registry=r,
+        )
+        self.replays = Counter(
+            "rapidphoto_relay_resyncs",
+            "Log reads on open or after an outage, by outcome (replay, snapshot, live)",
+            ["outcome"],
+            registry=r,
+        )
+        self.delivery_lag = Histogram(
+            "rapidphoto_relay_delivery_lag_seconds",
+            "From a payload's occurredAt to its first write to a client on this process",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        for kind in ("session", "notifications"):
+            self.open_streams.labels(kind)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,85 @@
+"""The channel payload rule of SPEC §4, and turning a valid payload into a framed :class:`Message`.
+
+Anyone may ``PUBLISH`` to our channels, so every payload is checked once, in the hub, before it
+reaches a stream: a UTF-8 JSON object of at most 64 KiB whose ``type`` is a string matching
+``^[A-Za-z0-9_.-]{1,64}$``. Anything else is dropped (logged and counted by the caller).
+
+A payload's ``eventId`` becomes the SSE ``id:`` only when it is a real log entry id (``<ms>-<seq>``):
+an ``id:`` line overwrites the browser's last event id, so a made-up one would turn the client's
+next reconnection into a snapshot instead of an exact replay.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Final
+
+import msgspec
+
+from rapidphoto_contract.events import SESSION_COMPLETED
+from rapidphoto_contract.stream_ids import StreamId, parse_stream_id
+from rapidphoto_relay import sse
+from rapidphoto_relay.subscriber import Message
+
+MAX_PAYLOAD_BYTES: Final = 64 * 1024
+TYPE_PATTERN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+_decoder: Final = msgspec.json.Decoder()
+
+
+class InvalidPayload(ValueError):
+    """A payload that breaks SPEC §4; ``reason`` is a short label for logs and metrics."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def _epoch(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        stamp = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        return None
+    return stamp.timestamp()
+
+
+def parse_payload(data: bytes) -> Message:
+    """Validate one published payload and frame it, or raise :class:`InvalidPayload`."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise InvalidPayload("too-large")
+    try:
+        obj = _decoder.decode(data)  # strict: invalid UTF-8, NaN, trailing junk are all errors
+    except msgspec.DecodeError:
+        raise InvalidPayload("not-json") from None
+    if not isinstance(obj, dict):
+        raise InvalidPayload("not-object")
+    event_type = obj.get("type")
+    if not isinstance(event_type, str) or TYPE_PATTERN.fullmatch(event_type) is None:
+        raise InvalidPayload("bad-type")
+    raw_id = obj.get("eventId")
+    stream_id: StreamId | None = parse_stream_id(raw_id) if isinstance(raw_id, str) else None
+    frame = sse.event(
+        data, event_type=event_type, event_id=raw_id if stream_id is not None else None
+    )
+    return Message(
+        frame,
+        stream_id,
+        terminal=stream_id is not None and event_type == SESSION_COMPLETED,
+        occurred_at=_epoch(obj.get("occurredAt")),
+    )
+
+
+def log_entry_message(entry_id: bytes | str, event_type: bytes | str, data: bytes) -> Message:
+    """Frame one event-log entry (written by the worker, so trusted) for a replay."""
+    stream_id = parse_stream_id(entry_id)
+    kind = event_type.decode() if isinstance(event_type, bytes) else event_type
+    return Message(
+        sse.event(data, event_type=kind, event_id=entry_id),
+        stream_id,
+        terminal=stream_id is not None and kind == SESSION_COMPLETED,
+    )

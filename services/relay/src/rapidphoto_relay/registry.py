@@ -1,0 +1,109 @@
+"""Every open stream of the process, and the one ticker that serves them all.
+
+One task wakes every second and, for each open stream: asks for a heartbeat comment when nothing was
+written for ``SSE_HEARTBEAT_SECONDS``; closes it with ``token-expired`` once its token's ``exp``
+(plus ``JWT_LEEWAY_SECONDS``) has passed; retries a resync that failed on a Redis error; and aborts a
+writer that has been stuck in ``send`` on a client that stopped reading after its stream was told to
+close. One ticker instead of a timer per stream keeps an idle stream down to a few objects.
+
+On shutdown (SIGTERM) every stream is told to close with ``shutdown``; writers still stuck after
+``SHUTDOWN_ABORT_SECONDS`` are aborted, so the process is gone within SPEC §5's 5 seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Final
+
+from rapidphoto_relay.subscriber import Subscriber
+
+log = logging.getLogger("rapidphoto_relay.registry")
+
+TICK_SECONDS: Final = 1.0
+#: A writer stuck this long in ``send`` after its stream was told to close is aborted. Long enough
+#: for a slow client that reads again to still get its buffered events and the STREAM_CLOSED.
+ABORT_GRACE_SECONDS: Final = 10.0
+#: On shutdown the whole process has 5 s (SPEC §5); stuck writers get less.
+SHUTDOWN_ABORT_SECONDS: Final = 2.0
+
+
+class StreamRegistry:
+    def __init__(self, heartbeat_seconds: float, leeway_seconds: float) -> None:
+        self._heartbeat = heartbeat_seconds
+        self._leeway = leeway_seconds
+        self._streams: set[Subscriber] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.shutting_down = False
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, subscriber: Subscriber) -> None:
+        self._streams.add(subscriber)
+        self._empty.clear()
+
+    def remove(self, subscriber: Subscriber) -> None:
+        self._streams.discard(subscriber)
+        if not self._streams:
+            self._empty.set()
+
+    async def __aenter__(self) -> StreamRegistry:
+        self._task = asyncio.create_task(self._tick_forever(), name="relay-ticker")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                self.tick(time.monotonic(), time.time())
+            except Exception:  # the ticker must survive anything one stream does
+                log.exception("ticker failed")
+
+    def tick(self, now: float, wall: float) -> None:
+        heartbeat_before = now - self._heartbeat
+        expired_at = wall - self._leeway
+        for sub in self._streams:
+            if sub.close_reason is None:
+                if sub.expires_at <= expired_at:
+                    sub.close("token-expired")
+                elif sub.last_write <= heartbeat_before and sub.writing_since is None:
+                    sub.request_heartbeat()
+            elif sub.writing_since is not None and now - sub.writing_since > ABORT_GRACE_SECONDS:
+                abort(sub)
+
+    async def shutdown(self, within: float) -> None:
+        """Close every stream with ``shutdown``; abort the stuck ones; wait up to ``within`` seconds."""
+        self.shutting_down = True
+        for sub in list(self._streams):
+            sub.close("shutdown")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SHUTDOWN_ABORT_SECONDS):
+                await self._empty.wait()
+        for sub in list(self._streams):
+            abort(sub)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.1, within - SHUTDOWN_ABORT_SECONDS)):
+                await self._empty.wait()
+
+
+def abort(sub: Subscriber) -> None:
+    """Cancel a stream's writer that cannot finish (the client is not reading).
+
+    The writer notices ``aborted``, swallows the cancellation and returns without completing the
+    response, which makes the server close the connection.
+    """
+    if sub.aborted or sub.task is None or sub.task.done():
+        return
+    sub.aborted = True
+    sub.task.cancel()

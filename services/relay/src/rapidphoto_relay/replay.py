@@ -1,0 +1,251 @@
+"""Reading the event logs (SPEC §5): Last-Event-ID coverage, replays and snapshots.
+
+A stream never trusts pub/sub alone. It subscribes first (the hub confirms), *then* reads the log,
+and finally drains what the subscription buffered meanwhile, skipping every id at or below the
+highest one the log read returned (``floor``): nothing falls in the gap and nothing is sent twice.
+
+Session streams, given the id the client last saw (``Last-Event-ID``) or the stream's own cursor:
+
+- *covered* (the id is not newer than the newest entry, and no entry newer than it was trimmed):
+  exactly the entries after it, ``XRANGE (<id> +``;
+- otherwise (trimmed past, from the future, malformed, absent): a ``SESSION_SNAPSHOT`` built from
+  the state hash and the failures set, carrying the id of the newest entry it reflects.
+
+Both are decided and read by one Lua script, so the coverage check, the entries and the snapshot are
+one atomic view of the session. Trimming (``MAXLEN ~``) only ever removes the oldest entries, so an
+id is covered when the first remaining entry is at most its successor; when it is not, the log may
+still hold everything (entry ids are not contiguous), which ``XINFO STREAM`` tells us: no entry was
+ever removed when ``entries-added`` equals ``length``.
+
+Notification streams have no snapshot: the entries after the id (all of them when the id is older
+than the log); a stream opened without a usable id starts from the newest entry read *before* it
+subscribed, so notifications racing the subscription are still delivered once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final, Literal
+
+import attrs
+import redis.asyncio as aioredis
+
+from rapidphoto_contract import keys
+from rapidphoto_contract.events import STATUS_COMPLETED, Failure, SessionSnapshot, progress_percent
+from rapidphoto_contract.stream_ids import StreamId, format_stream_id, parse_stream_id, successor
+from rapidphoto_relay import sse
+from rapidphoto_relay.payload import log_entry_message
+from rapidphoto_relay.subscriber import Message
+
+#: SPEC §4: a snapshot lists the 100 most recent failures at most.
+SNAPSHOT_FAILURES: Final = 100
+
+_SYNC_SESSION_LUA: Final = """
+-- KEYS: state, failures, photos, log
+-- ARGV: last id ('' = snapshot), its successor, max failures, failed-photo prefix,
+--       state fields owner, total, uploaded, failed, status
+local state = redis.call('HMGET', KEYS[1], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+if not state[1] then
+  return {'missing'}
+end
+local owner, status = state[1], state[5] or ''
+
+-- Entry ids compared as (ms, seq) decimals without leading zeros: by length, then as text.
+local function cmpdec(a, b)
+  if #a ~= #b then return #a < #b and -1 or 1 end
+  if a == b then return 0 end
+  return a < b and -1 or 1
+end
+local function cmp(x, y)
+  local xm, xs = string.match(x, '^(%d+)-(%d+)$')
+  local ym, ys = string.match(y, '^(%d+)-(%d+)$')
+  local c = cmpdec(xm, ym)
+  if c ~= 0 then return c end
+  return cmpdec(xs, ys)
+end
+
+local newest = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
+local newest_id = ''
+if #newest > 0 then newest_id = newest[1][1] end
+
+if ARGV[1] ~= '' and newest_id ~= '' and cmp(ARGV[1], newest_id) <= 0 then
+  local first_id = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 1)[1][1]
+  local covered = cmp(first_id, ARGV[2]) <= 0
+  if not covered then
+    local info = redis.call('XINFO', 'STREAM', KEYS[4])
+    local length, added
+    for i = 1, #info, 2 do
+      if info[i] == 'length' then length = info[i + 1] end
+      if info[i] == 'entries-added' then added = info[i + 1] end
+    end
+    covered = added ~= nil and added == length
+  end
+  if covered then
+    return {'replay', owner, status, redis.call('XRANGE', KEYS[4], '(' .. ARGV[1], '+')}
+  end
+end
+
+local ids = redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+local failures = {}
+if #ids > 0 then
+  local marks = redis.call('HMGET', KEYS[3], unpack(ids))
+  for i = #ids, 1, -1 do
+    local mark = marks[i]
+    if mark and string.sub(mark, 1, #ARGV[4]) == ARGV[4] then
+      failures[#failures + 1] = ids[i]
+      failures[#failures + 1] = string.sub(mark, #ARGV[4] + 1)
+    end
+  end
+end
+return {'snapshot', owner, status, state[2] or '0', state[3] or '0', state[4] or '0',
+  newest_id, failures}
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry_messages(entries: Sequence[Any]) -> list[Message]:
+    """Frames for raw ``XRANGE`` entries (``[id, [field, value, ...]]`` or redis-py's tuples)."""
+    out: list[Message] = []
+    for entry_id, fields in entries:
+        if isinstance(fields, dict):
+            mapping = fields
+        else:
+            mapping = dict(zip(fields[::2], fields[1::2], strict=True))
+        data = mapping.get(keys.LOG_FIELD_DATA.encode())
+        kind = mapping.get(keys.LOG_FIELD_TYPE.encode())
+        if data is None or kind is None:
+            continue  # not an event entry: nothing a client could use
+        out.append(log_entry_message(entry_id, kind, data))
+    return out
+
+
+@attrs.frozen(kw_only=True)
+class SessionProbe:
+    """What a session stream request needs before it answers: who owns it, is it done, log end."""
+
+    owner: str | None
+    status: str | None
+    newest: StreamId | None
+
+    @property
+    def completed(self) -> bool:
+        return self.status == STATUS_COMPLETED
+
+
+@attrs.frozen(kw_only=True)
+class SessionSync:
+    """One atomic read of a session: ``missing``, a ``replay`` or a ``snapshot``.
+
+    ``messages`` are the frames to write, in order; ``high`` the newest log id they reflect (the
+    stream's new floor and cursor); ``completed`` whether the session is done after them.
+    """
+
+    outcome: Literal["missing", "replay", "snapshot"]
+    owner: str | None = None
+    messages: list[Message] = attrs.field(factory=list)
+    high: StreamId | None = None
+    completed: bool = False
+
+
+class LogReader:
+    """The relay's reads of session state and logs, on the commands connection pool."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._sync_session = redis.register_script(_SYNC_SESSION_LUA)
+
+    async def probe_session(self, session_id: str) -> SessionProbe:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(keys.session_state_key(session_id), [keys.STATE_OWNER, keys.STATE_STATUS])
+            pipe.xrevrange(keys.session_log_key(session_id), "+", "-", count=1)
+            (owner, status), newest = await pipe.execute()
+        return SessionProbe(
+            owner=None if owner is None else _text(owner),
+            status=None if status is None else _text(status),
+            newest=parse_stream_id(newest[0][0]) if newest else None,
+        )
+
+    async def session_owner(self, session_id: str) -> str | None:
+        owner = await self._redis.hget(keys.session_state_key(session_id), keys.STATE_OWNER)
+        return None if owner is None else _text(owner)
+
+    async def sync_session(self, session_id: str, after: StreamId | None) -> SessionSync:
+        """Entries after ``after`` if the log still covers it, else a snapshot (SPEC §5)."""
+        reply = await self._sync_session(
+            keys=[
+                keys.session_state_key(session_id),
+                keys.session_failures_key(session_id),
+                keys.session_photos_key(session_id),
+                keys.session_log_key(session_id),
+            ],
+            args=[
+                "" if after is None else format_stream_id(after),
+                "" if after is None else format_stream_id(successor(after)),
+                SNAPSHOT_FAILURES,
+                keys.PHOTO_FAILED_PREFIX,
+                keys.STATE_OWNER,
+                keys.STATE_TOTAL,
+                keys.STATE_UPLOADED,
+                keys.STATE_FAILED,
+                keys.STATE_STATUS,
+            ],
+        )
+        outcome = _text(reply[0])
+        if outcome == "missing":
+            return SessionSync(outcome="missing")
+        owner, status = _text(reply[1]), _text(reply[2])
+        if outcome == "replay":
+            messages = _entry_messages(reply[3])
+            completed = False
+            for index, message in enumerate(messages):
+                if message.terminal:
+                    completed = True
+                    del messages[index + 1 :]
+                    break
+            high = messages[-1].stream_id if messages else after
+            # A failed photo uploaded after completion appends to a completed session's log: the
+            # stream still ends, after those entries.
+            completed = completed or status == STATUS_COMPLETED
+            return SessionSync(
+                outcome="replay", owner=owner, messages=messages, high=high, completed=completed
+            )
+        total, uploaded, failed = int(reply[3]), int(reply[4]), int(reply[5])
+        newest = parse_stream_id(reply[6]) if reply[6] else None
+        flat = [_text(x) for x in reply[7]]
+        snapshot = SessionSnapshot(
+            event_id=None if newest is None else format_stream_id(newest),
+            session_id=session_id,
+            total_photos=total,
+            uploaded_photos=uploaded,
+            failed_photos=failed,
+            progress_percent=progress_percent(uploaded, failed, total),
+            status=status,
+            failures=tuple(
+                Failure(photo_id=flat[i], reason=flat[i + 1]) for i in range(0, len(flat), 2)
+            ),
+        )
+        frame = sse.event(
+            snapshot.to_json(), event_type=SessionSnapshot.TYPE, event_id=snapshot.event_id
+        )
+        return SessionSync(
+            outcome="snapshot",
+            owner=owner,
+            messages=[Message(frame, newest)],
+            high=newest,
+            completed=status == STATUS_COMPLETED,
+        )
+
+    async def newest_notification(self, user_id: str) -> StreamId | None:
+        newest = await self._redis.xrevrange(
+            keys.user_notifications_log_key(user_id), "+", "-", count=1
+        )
+        return parse_stream_id(newest[0][0]) if newest else None
+
+    async def notifications_after(self, user_id: str, after: StreamId | None) -> list[Message]:
+        """Every notification after ``after`` (the whole log when ``None`` or older than it)."""
+        start = "-" if after is None else "(" + format_stream_id(after)
+        entries = await self._redis.xrange(keys.user_notifications_log_key(user_id), start, "+")
+        return _entry_messages(entries or [])

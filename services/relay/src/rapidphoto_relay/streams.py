@@ -1,0 +1,467 @@
+"""The two SSE endpoints of SPEC §5: auth (guard) → id check → ownership → limits → stream.
+
+A handler does the checks that can still become an HTTP error (400, 403, 204, 429, 503), admits the
+stream (connection limits, a confirmed subscription) and returns :class:`StreamResponse`, whose ASGI
+app, :class:`EventStream`, then owns the connection. That writer is deliberately not Litestar's SSE
+machinery: frames arrive pre-encoded from the hub (one ``bytes`` object shared by every stream) and
+each wake-up writes everything buffered in a single ``send``.
+
+A stream's life: status and headers, ``retry:`` alone, then (session streams whose session does not
+exist yet) up to ``PENDING_SESSION_SECONDS`` of waiting, then a log read (``replay.py``), then live
+messages, interleaved with a new log read whenever the hub reconnected after a Redis outage. It ends
+with ``STREAM_CLOSED`` and a reason, or silently when the client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Final, Literal
+
+from litestar import Request, Response, get
+from litestar.enums import MediaType
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
+from litestar.params import Parameter
+from litestar.types import ASGIApp, Receive, Scope, Send
+from redis.exceptions import RedisError
+
+from rapidphoto_contract import keys
+from rapidphoto_contract.events import StreamClosed
+from rapidphoto_contract.ids import RESERVED_SESSION_IDS, is_valid_id
+from rapidphoto_contract.stream_ids import StreamId, format_stream_id, parse_stream_id
+from rapidphoto_contract.tokens import Principal
+from rapidphoto_relay import sse
+from rapidphoto_relay.auth import authenticated, principal_of
+from rapidphoto_relay.errors import BadRequest, Forbidden, TooManyStreams, Unavailable
+from rapidphoto_relay.hub import HubUnavailable
+from rapidphoto_relay.limits import LimitExceeded
+from rapidphoto_relay.services import RelayServices
+from rapidphoto_relay.subscriber import DISCONNECTED, Message, Subscriber
+
+log = logging.getLogger("rapidphoto_relay.streams")
+
+SESSION_STREAM_PATH: Final = "/api/upload/sessions/{sessionId:str}/stream"
+NOTIFICATION_STREAM_PATH: Final = "/api/upload/sessions/notifications/stream"
+#: SPEC §5: a session that does not exist yet is waited for this long.
+PENDING_SESSION_SECONDS: Final = 10.0
+#: How often a pending stream looks for its session (it also looks whenever its channel speaks).
+PENDING_POLL_SECONDS: Final = 0.25
+#: While Redis is unreachable, a stream retries its log read this often (on heartbeats meanwhile).
+RESYNC_RETRY_SECONDS: Final = 1.0
+SUBSCRIBE_TIMEOUT_SECONDS: Final = 5.0
+#: Close reasons after which what is already buffered is still delivered before STREAM_CLOSED.
+_FLUSH_ON_CLOSE: Final = frozenset({"slow-consumer", "shutdown"})
+
+StreamKind = Literal["session", "notifications"]
+
+_HEADERS: Final = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    # nginx buffers proxied responses by default, which would hold events back.
+    (b"x-accel-buffering", b"no"),
+]
+
+
+async def _watch_disconnect(receive: Receive, sub: Subscriber) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            sub.close(DISCONNECTED)
+            return
+
+
+class EventStream:
+    """The ASGI app of one open stream (see the module docstring for its life)."""
+
+    def __init__(
+        self,
+        services: RelayServices,
+        sub: Subscriber,
+        *,
+        kind: StreamKind,
+        key: str,
+        pending: bool,
+        resumed_from: str | None,
+    ) -> None:
+        self.services = services
+        self.sub = sub
+        self.kind: StreamKind = kind
+        #: The session id or, for notification streams, the user id.
+        self.key = key
+        self.pending = pending
+        self.resumed_from = resumed_from
+        #: Live messages may be written only after a successful log read (else a gap).
+        self.in_sync = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sub = self.sub
+        task = asyncio.current_task()
+        sub.task = task
+        watcher = asyncio.create_task(_watch_disconnect(receive, sub))
+        log.info(
+            "stream opened",
+            extra={
+                "user": sub.user_id,
+                "channel": sub.channel,
+                "kind": self.kind,
+                "last_event_id": self.resumed_from,
+                "pending": self.pending,
+            },
+        )
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            await self._write(send, sse.retry(self.services.settings.sse_retry_ms))
+            if not self.pending or await self._await_session(send):
+                await self._pump(send)
+            await self._finish(send)
+        except asyncio.CancelledError:
+            if not sub.aborted or task is None:
+                raise
+            # Aborted by the registry: the client stopped reading. Returning without completing
+            # the response makes the server close the connection.
+            task.uncancel()
+        finally:
+            watcher.cancel()
+            self._release()
+
+    # --- writing -------------------------------------------------------------------------------
+
+    async def _write(self, send: Send, body: bytes, more: bool = True) -> None:
+        sub = self.sub
+        sub.writing_since = time.monotonic()
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+        sub.writing_since = None
+        sub.last_write = time.monotonic()
+
+    async def _idle(self, send: Send, seconds: float) -> None:
+        """Wait up to ``seconds`` without delivering live messages, keeping heartbeats going."""
+        sub = self.sub
+        deadline = time.monotonic() + seconds
+        while sub.close_reason is None:
+            if sub.heartbeat_due:
+                sub.heartbeat_due = False
+                await self._write(send, sse.HEARTBEAT)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or sub.resync:
+                return
+            await sub.wait(remaining, include_buffer=False)
+
+    def _frames(self, batch: list[Message]) -> tuple[list[bytes], bool]:
+        """The frames of ``batch`` not already covered by the last log read; and completion."""
+        sub = self.sub
+        floor = sub.floor
+        frames: list[bytes] = []
+        metrics = self.services.metrics
+        now = time.time()
+        for message in batch:
+            sid = message.stream_id
+            if sid is not None:
+                if floor is not None and sid <= floor:
+                    continue  # already written by the log read (subscribe-then-read overlap)
+                sub.cursor = sid
+            frames.append(message.frame)
+            if not message.observed:
+                message.observed = True
+                assert message.occurred_at is not None
+                metrics.delivery_lag.observe(max(0.0, now - message.occurred_at))
+            if message.terminal and self.kind == "session":
+                return frames, True
+        return frames, False
+
+    # --- the stream's phases -------------------------------------------------------------------
+
+    async def _await_session(self, send: Send) -> bool:
+        """SPEC §5: wait for a session that does not exist yet; False if the stream must end."""
+        sub = self.sub
+        reader = self.services.reader
+        deadline = time.monotonic() + PENDING_SESSION_SECONDS
+        while sub.close_reason is None:
+            try:
+                owner = await reader.session_owner(self.key)
+            except RedisError:
+                owner = None
+            if owner is not None:
+                if owner != sub.user_id:
+                    sub.close("forbidden")
+                    return False
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                sub.close("session-not-found")
+                return False
+            await self._idle(send, min(PENDING_POLL_SECONDS, remaining))
+        return False
+
+    async def _pump(self, send: Send) -> None:
+        sub = self.sub
+        while sub.close_reason is None:
+            if sub.resync:
+                await self._resync(send)
+            elif sub.buffered and self.in_sync:
+                frames, completed = self._frames(sub.drain())
+                if frames:
+                    await self._write(send, frames[0] if len(frames) == 1 else b"".join(frames))
+                if completed:
+                    sub.close("completed")
+            elif sub.heartbeat_due:
+                sub.heartbeat_due = False
+                await self._write(send, sse.HEARTBEAT)
+            else:
+                await sub.wait(include_buffer=self.in_sync)
+
+    async def _resync(self, send: Send) -> None:
+        """Read the log after the cursor (or a snapshot) and write it; retry while Redis is down."""
+        sub = self.sub
+        sub.resync = False
+        self.in_sync = False
+        while sub.close_reason is None:
+            try:
+                if self.kind == "session":
+                    messages, completed = await self._read_session()
+                else:
+                    messages, completed = await self._read_notifications(), False
+                break
+            except RedisError as exc:
+                # SPEC §5: with Redis away the stream stays open on heartbeats and catches up later.
+                log.warning(
+                    "log read failed, will retry",
+                    extra={"channel": sub.channel, "error": str(exc)},
+                )
+                await self._idle(send, RESYNC_RETRY_SECONDS)
+                sub.resync = False
+        else:
+            return
+        if messages:
+            body = b"".join(m.frame for m in messages)
+            await self._write(send, body)
+        self.in_sync = True
+        if completed:
+            sub.close("completed")
+
+    async def _read_session(self) -> tuple[list[Message], bool]:
+        sub = self.sub
+        result = await self.services.reader.sync_session(self.key, sub.cursor)
+        if result.outcome == "missing":
+            sub.close("session-not-found")
+            return [], False
+        if result.owner != sub.user_id:
+            sub.close("forbidden")
+            return [], False
+        self.services.metrics.replays.labels(result.outcome).inc()
+        sub.floor = result.high
+        if result.high is not None:
+            sub.cursor = result.high
+        return result.messages, result.completed
+
+    async def _read_notifications(self) -> list[Message]:
+        sub = self.sub
+        messages = await self.services.reader.notifications_after(self.key, sub.cursor)
+        self.services.metrics.replays.labels("replay" if messages else "live").inc()
+        if messages and messages[-1].stream_id is not None:
+            sub.cursor = messages[-1].stream_id
+        sub.floor = sub.cursor
+        return messages
+
+    async def _finish(self, send: Send) -> None:
+        sub = self.sub
+        reason = sub.close_reason
+        if reason is None or reason == DISCONNECTED:
+            return  # nobody to tell; the server sees the disconnect
+        body = b""
+        if reason in _FLUSH_ON_CLOSE and self.in_sync and sub.buffered:
+            frames, _ = self._frames(sub.drain())
+            body = b"".join(frames)
+        closed = StreamClosed(reason=reason)
+        body += sse.event(closed.to_json(), event_type=StreamClosed.TYPE)
+        await self._write(send, body, more=False)
+
+    def _release(self) -> None:
+        """Synchronous on purpose: a cancellation cannot interrupt it half way."""
+        services, sub = self.services, self.sub
+        services.hub.unsubscribe(sub.channel, sub)
+        services.limits.release(sub.user_id)
+        services.registry.remove(sub)
+        services.metrics.open_streams.labels(self.kind).dec()
+        reason = sub.close_reason or DISCONNECTED
+        services.metrics.stream_closes.labels(reason).inc()
+        if reason == "slow-consumer":
+            services.metrics.slow_consumer_closes.inc()
+        log.info(
+            "stream closed",
+            extra={
+                "user": sub.user_id,
+                "channel": sub.channel,
+                "kind": self.kind,
+                "reason": reason,
+                "aborted": sub.aborted,
+                "duration_s": round(time.monotonic() - sub.opened_at, 3),
+                "last_event_id": None if sub.cursor is None else format_stream_id(sub.cursor),
+            },
+        )
+
+
+class StreamResponse(Response[None]):
+    """Hands the connection to an :class:`EventStream` (bypassing Litestar's body encoding)."""
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__(content=None, media_type="text/event-stream")
+        self.stream = stream
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIApp:  # type: ignore[override]
+        return self.stream
+
+
+# --- admission -------------------------------------------------------------------------------
+
+
+def _retry_after(services: RelayServices) -> int:
+    return max(1, -(-services.settings.sse_retry_ms // 1000))
+
+
+def _last_event_id(request: Request[Any, Any, Any], query_value: str | None) -> str | None:
+    """SPEC §5: the ``Last-Event-ID`` header, else the ``lastEventId`` query parameter."""
+    header = request.headers.get("last-event-id")
+    if header:
+        return header
+    return query_value or None
+
+
+async def _admit(
+    services: RelayServices, principal: Principal, channel: str, kind: StreamKind
+) -> Subscriber:
+    """Count the stream against the limits and subscribe it (confirmed) or raise 429/503."""
+    if services.registry.shutting_down:
+        raise Unavailable("relay is shutting down", _retry_after(services))
+    try:
+        services.limits.acquire(principal.user_id)
+    except LimitExceeded as exc:
+        services.metrics.rejected_streams.labels(exc.limit).inc()
+        if exc.limit == "user":
+            raise TooManyStreams(str(exc), exc.retry_after) from None
+        raise Unavailable(str(exc), exc.retry_after) from None
+    sub = Subscriber(
+        channel, principal.user_id, services.settings.sse_buffer_events, principal.expires_at
+    )
+    try:
+        await services.hub.subscribe(channel, sub, SUBSCRIBE_TIMEOUT_SECONDS)
+    except (HubUnavailable, asyncio.CancelledError) as exc:
+        services.limits.release(principal.user_id)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise Unavailable("event source unavailable, retry later", _retry_after(services)) from None
+    services.registry.add(sub)
+    services.metrics.open_streams.labels(kind).inc()
+    return sub
+
+
+_ERRORS: Final = {
+    400: ResponseSpec(None, description="sessionId is not an id", media_type=MediaType.JSON),
+    401: ResponseSpec(None, description="missing or invalid token", media_type=MediaType.JSON),
+    403: ResponseSpec(None, description="the session has another owner", media_type=MediaType.JSON),
+    429: ResponseSpec(
+        None, description="too many streams for this user", media_type=MediaType.JSON
+    ),
+    503: ResponseSpec(
+        None, description="relay full or Redis unavailable", media_type=MediaType.JSON
+    ),
+}
+
+_LAST_EVENT_ID_QUERY = Parameter(
+    query="lastEventId",
+    required=False,
+    description="Last-Event-ID for clients that cannot send the header",
+    examples=[Example(value="1764213600000-0")],
+)
+
+
+@get(
+    SESSION_STREAM_PATH,
+    guards=[authenticated],
+    media_type="text/event-stream",
+    summary="Live progress of one upload session (SSE)",
+    description=(
+        "SESSION_SNAPSHOT then live events; resumes after Last-Event-ID while the log covers it. "
+        "204 when resuming at the end of a completed session."
+    ),
+    responses={**_ERRORS, 204: ResponseSpec(None, description="session completed, stop retrying")},
+    tags=["streams"],
+)
+async def session_stream(
+    request: Request[Any, Any, Any],
+    sessionId: str,  # the path parameter's public (camelCase) name
+    services: RelayServices,
+    last_event_id: str | None = _LAST_EVENT_ID_QUERY,
+) -> Response[None]:
+    principal = principal_of(request)
+    session_id = sessionId
+    if not is_valid_id(session_id) or session_id in RESERVED_SESSION_IDS:
+        raise BadRequest("sessionId must match ^[A-Za-z0-9_-]{1,128}$")
+    raw_last = _last_event_id(request, last_event_id)
+    resume_from: StreamId | None = parse_stream_id(raw_last)  # malformed: None, a snapshot
+    try:
+        probe = await services.reader.probe_session(session_id)
+    except RedisError:
+        raise Unavailable("event source unavailable, retry later", _retry_after(services)) from None
+    if probe.owner is not None and probe.owner != principal.user_id:
+        raise Forbidden("this session belongs to another user")
+    if probe.completed and resume_from is not None and resume_from == probe.newest:
+        # SPEC §5: already at the end of a completed session; 204 makes EventSource stop retrying.
+        return Response(content=None, status_code=204)
+    sub = await _admit(services, principal, keys.session_channel(session_id), "session")
+    sub.cursor = resume_from
+    return StreamResponse(
+        EventStream(
+            services,
+            sub,
+            kind="session",
+            key=session_id,
+            pending=probe.owner is None,
+            resumed_from=raw_last,
+        )
+    )
+
+
+@get(
+    NOTIFICATION_STREAM_PATH,
+    guards=[authenticated],
+    media_type="text/event-stream",
+    summary="The caller's notifications (SSE)",
+    description=(
+        "Live notifications of the token's user; with Last-Event-ID, the ones after it first "
+        "(all of the log when the id is older than it)."
+    ),
+    responses={k: v for k, v in _ERRORS.items() if k not in (400, 403)},
+    tags=["streams"],
+)
+async def notification_stream(
+    request: Request[Any, Any, Any],
+    services: RelayServices,
+    last_event_id: str | None = _LAST_EVENT_ID_QUERY,
+) -> Response[None]:
+    principal = principal_of(request)
+    raw_last = _last_event_id(request, last_event_id)
+    resume_from = parse_stream_id(raw_last)
+    try:
+        # Read before subscribing: a stream that starts live replays from here, so notifications
+        # racing the subscription are delivered (SPEC §5's no-gap rule, notification edition).
+        newest = await services.reader.newest_notification(principal.user_id)
+    except RedisError:
+        raise Unavailable("event source unavailable, retry later", _retry_after(services)) from None
+    if resume_from is None or newest is None or resume_from > newest:
+        resume_from = newest  # none, malformed or from the future: start live
+    sub = await _admit(
+        services, principal, keys.notification_channel(principal.user_id), "notifications"
+    )
+    sub.cursor = resume_from
+    return StreamResponse(
+        EventStream(
+            services,
+            sub,
+            kind="notifications",
+            key=principal.user_id,
+            pending=False,
+            resumed_from=raw_last,
+        )
+    )
