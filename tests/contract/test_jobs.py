@@ -32,6 +32,7 @@ from rapidphoto_contract.jobs import (
     deserialize_job,
     serialize_job,
 )
+from tests.support.arq_queue import aqueued_jobs
 from tests.support.redis_server import free_port
 
 
@@ -293,17 +294,6 @@ def test_deserialize_rejects_garbage_and_pickle(raw: bytes) -> None:
 # --- the client against a real Redis -------------------------------------------------------------
 
 
-async def _queued(redis_client: aioredis.Redis) -> dict[str, dict[str, Any]]:
-    """Every queued job: id -> its JSON, read straight from arq's keys."""
-    ids = cast(list[str], await redis_client.zrange(QUEUE_NAME, 0, -1))  # decode_responses
-    out = {}
-    for job_id in ids:
-        raw = await redis_client.get(f"arq:job:{job_id}")
-        assert raw is not None
-        out[job_id] = json.loads(raw)
-    return out
-
-
 async def test_client_enqueues_json_jobs_in_arqs_format(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
@@ -314,15 +304,13 @@ async def test_client_enqueues_json_jobs_in_arqs_format(
         failed = await jobs.fail_photo_upload("s1", "p2", "corrupt file / é")
     after_ms = int(time.time() * 1000)
 
-    queued = await _queued(redis_client)
+    queued = {job.job_id: job.data for job in await aqueued_jobs(redis_client)}
     assert set(queued) == {start.job_id, done.job_id, failed.job_id}
-    for job_id, data in queued.items():
-        assert set(data) == {"t", "f", "a", "k", "et"}
-        assert data["a"] == []
-        assert before_ms <= data["et"] <= after_ms
-        score = await redis_client.zscore(QUEUE_NAME, job_id)
-        assert score is not None
-        assert before_ms <= score <= after_ms  # runnable now
+    for job in await aqueued_jobs(redis_client):
+        assert set(job.data) == {"t", "f", "a", "k", "et"}
+        assert job.data["a"] == []
+        assert before_ms <= job.data["et"] <= after_ms
+        assert before_ms <= job.score <= after_ms  # runnable now
     assert queued[start.job_id]["f"] == "start_upload_session"
     assert queued[start.job_id]["k"] == {"session_id": "s1", "user_id": "u1", "total_photos": 3}
     assert queued[done.job_id]["f"] == "complete_photo_upload"
