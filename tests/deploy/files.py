@@ -98,6 +98,17 @@ def _interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
     return node
 
 
+def interpolated_variables(node: Any) -> set[str]:
+    """Names interpolated anywhere in a parsed compose document (values only, as compose does)."""
+    if isinstance(node, str):
+        return variables_in(node)
+    if isinstance(node, list):
+        return set().union(*(interpolated_variables(item) for item in node))
+    if isinstance(node, dict):
+        return set().union(*(interpolated_variables(value) for value in node.values()))
+    return set()
+
+
 def compose_raw() -> dict[str, Any]:
     """compose.yaml as YAML (anchors and ``<<`` merges resolved), before interpolation."""
     data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
