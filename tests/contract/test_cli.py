@@ -299,6 +299,26 @@ def test_simulate_users_and_duplicates(cli_env: str, r: redis.Redis) -> None:
     assert len([j for j in jobs if j.function != START]) == 2 * 4 * 3  # every photo twice
 
 
+def test_simulate_session_prefix_and_start_delay(
+    cli_env: str, r: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What ``scripts/stack.py`` runs: it opens the demo page on ``demo-<seed>-<n>`` first."""
+    argv = [*SIM, "--sessions", "2", "--photos", "3", "--session-prefix", "demo-1"]
+    started = time.monotonic()
+    assert main([*argv, "--start-delay", "0.3"]) == 0
+    assert time.monotonic() - started >= 0.3
+    jobs = jobs_of(r)
+    assert sorted(j.kwargs["session_id"] for j in jobs if j.function == START) == [
+        "demo-1-1",
+        "demo-1-2",
+    ]
+    assert {j.kwargs["session_id"] for j in jobs} == {"demo-1-1", "demo-1-2"}
+    starts = max(j.score for j in jobs if j.function == START)
+    first_photo = min(j.score for j in jobs if j.function != START)
+    assert first_photo - starts >= 250  # ms: the pause sits between the starts and the photos
+    assert "2 session(s) started; first photo in 0.3s" in capsys.readouterr().out
+
+
 def test_simulate_random_seed_is_printed(
     cli_env: str, r: redis.Redis, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -326,6 +346,9 @@ def test_simulate_random_seed_is_printed(
         (["--user", "a b"], "--user must match"),
         (["--user", "notifications:x"], "--user must match"),
         (["--timeout", "0"], "argument --timeout"),
+        (["--session-prefix", "a:b"], "--session-prefix must match"),
+        (["--session-prefix", "x" * 127], "session_id must match"),  # "x...x-1" is 129 long
+        (["--start-delay", "-1"], "argument --start-delay"),
     ],
 )
 def test_simulate_bad_input_exits_2_and_enqueues_nothing(

@@ -109,6 +109,13 @@ def test_owners() -> None:
 
 def test_session_ids() -> None:
     assert session_ids(42, 2) == ["sim-42-1", "sim-42-2"]
+    assert session_ids(42, 2, "demo") == ["demo-1", "demo-2"]
+    plan = plan_simulation(spec(sessions=2, session_prefix="demo-7"))
+    assert [s.session_id for s in plan.sessions] == ["demo-7-1", "demo-7-2"]
+    # The prefix names the sessions only: outcomes are the seed's all the same.
+    assert [o.reason for o in plan.outcomes] == [
+        o.reason for o in plan_simulation(spec(sessions=2)).outcomes
+    ]
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@
     rapidphoto complete <session_id> <photo_id>
     rapidphoto fail <session_id> <photo_id> <reason>
     rapidphoto simulate [--sessions N] [--photos M] [--rate R] [--failure-ratio F] [--seed S]
-                        [--user U] [--users K] [--duplicates P] [--wait | --no-wait] [--timeout T]
+                        [--user U] [--users K] [--duplicates P] [--session-prefix PREFIX]
+                        [--start-delay SECONDS] [--wait | --no-wait] [--timeout SECONDS]
 
 Configuration comes from the same environment variables as the services (``REDIS_URL``,
 ``JWT_SECRET``, ...). Output is made for scripts: ``token`` prints only the token and the enqueue
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulate an upload pipeline: N sessions x M photos at a rate",
         description="Start N sessions, then send their photo outcomes at R photos/s in total, "
         "each failing with probability F. Deterministic for a given --seed (session ids "
-        "are sim-<seed>-<n>, so use a new seed for fresh sessions).",
+        "are sim-<seed>-<n> unless --session-prefix, so use a new seed for fresh sessions).",
     )
     sim.add_argument(
         "--sessions", type=_int_between(1, MAX_SESSIONS), default=3, metavar="N", help="default 3"
@@ -167,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="K",
         help="spread sessions over K owners U-1..U-K (default 1: U owns all)",
+    )
+    sim.add_argument(
+        "--session-prefix",
+        default=None,
+        metavar="PREFIX",
+        help="session ids are PREFIX-1..PREFIX-N (default sim-<seed>)",
+    )
+    sim.add_argument(
+        "--start-delay",
+        type=_float_between(0, 3600),
+        default=0.0,
+        metavar="SECONDS",
+        help="pause between starting the sessions and the first photo (default 0)",
     )
     sim.add_argument(
         "--duplicates",
@@ -311,6 +325,11 @@ def _simulate(args: argparse.Namespace) -> int:
         user=validate_id("--user", args.user),
         users=args.users,
         duplicates=args.duplicates,
+        session_prefix=(
+            None
+            if args.session_prefix is None
+            else validate_id("--session-prefix", args.session_prefix)
+        ),
     )
     plan = plan_simulation(spec)  # validates everything before anything is sent
     settings = Settings.from_env()
@@ -340,7 +359,7 @@ async def _simulate_with(
     args: argparse.Namespace,
     out: TextIO,
 ) -> int:
-    report = await run_simulation(plan, jobs, spec.rate, out)
+    report = await run_simulation(plan, jobs, spec.rate, out, start_delay=args.start_delay)
     out.write(
         f"sent: {report.start_jobs} start job(s), {report.photos} photo outcome(s) "
         f"({report.failures} failed) as {report.photo_jobs} job(s) ({plan.duplicates} duplicated) "

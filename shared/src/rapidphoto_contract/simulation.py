@@ -52,6 +52,7 @@ class SimulationSpec:
     user: str
     users: int = 1
     duplicates: float = 0.0  # probability that a photo job is delivered twice
+    session_prefix: str | None = None  # session ids are <prefix>-<n>; default sim-<seed>
 
     def check(self) -> None:
         """Raise :class:`InvalidCommand` naming the first bad parameter."""
@@ -104,9 +105,11 @@ class SimulationPlan:
         return {sid: (up, failed) for sid, (up, failed) in counts.items()}
 
 
-def session_ids(seed: int, sessions: int) -> list[str]:
-    """``sim-<seed>-<n>``: a person can tell a run's sessions apart and find them again."""
-    return [f"sim-{seed}-{n}" for n in range(1, sessions + 1)]
+def session_ids(seed: int, sessions: int, prefix: str | None = None) -> list[str]:
+    """``<prefix>-<n>``, by default ``sim-<seed>-<n>``: a person can tell a run's sessions apart
+    and find them again (and a demo page can be opened on them before the run starts)."""
+    stem = f"sim-{seed}" if prefix is None else prefix
+    return [f"{stem}-{n}" for n in range(1, sessions + 1)]
 
 
 def owners(user: str, users: int) -> list[str]:
@@ -123,7 +126,7 @@ def plan_simulation(spec: SimulationSpec) -> SimulationPlan:
         StartUploadSession.parse(
             {"session_id": sid, "user_id": people[i % len(people)], "total_photos": spec.photos}
         )
-        for i, sid in enumerate(session_ids(spec.seed, spec.sessions))
+        for i, sid in enumerate(session_ids(spec.seed, spec.sessions, spec.session_prefix))
     )
     outcomes = []
     # Round robin: every session progresses at once, as concurrent uploads do.
@@ -170,12 +173,18 @@ async def run_simulation(
     rate: float,
     out: TextIO,
     *,
+    start_delay: float = 0.0,
     progress_every: float = 1.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> RunReport:
-    """Start every session, then send the photo outcomes at ``rate`` per second."""
+    """Start every session, wait ``start_delay`` seconds (time to open a progress page on them),
+    then send the photo outcomes at ``rate`` per second."""
     for start in plan.sessions:
         await jobs.start_upload_session(start.session_id, start.user_id, start.total_photos)
+    if start_delay > 0:
+        out.write(f"{len(plan.sessions)} session(s) started; first photo in {start_delay:g}s\n")
+        out.flush()
+        await asyncio.sleep(start_delay)
     total = len(plan.outcomes)
     sent = failed = 0
     t0 = clock()
