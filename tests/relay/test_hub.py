@@ -104,10 +104,17 @@ def _sub(channel: str = "upload-session:s", limit: int = 100) -> Subscriber:
 async def _hub(server: FakeServer, **kwargs: Any) -> Hub:
     hub = Hub(server, RelayMetrics(), backoff_base=0.01, backoff_cap=0.02, **kwargs)  # type: ignore[arg-type]
     await hub.__aenter__()
-    async with asyncio.timeout(2):
-        while not hub.connected:
-            await asyncio.sleep(0.001)
+    await _until(lambda: hub.connected)
     return hub
+
+
+async def _until(predicate: Any, within: float = 2.0) -> None:
+    """Poll a condition of in-memory state (no I/O to wait on) with a deadline."""
+    async with asyncio.timeout(within):
+        for _ in iter(int, 1):
+            if predicate():
+                return
+            await asyncio.sleep(0.001)
 
 
 async def _settle() -> None:
@@ -188,7 +195,7 @@ async def test_invalid_payloads_are_dropped_and_counted_and_reading_goes_on() ->
     server.publish(sub.channel, b'{"type":"ok"}')
     await _settle()
     assert [m.frame for m in sub.drain()] == [b'event: ok\ndata: {"type":"ok"}\n\n']
-    dropped = hub._metrics.events_dropped  # noqa: SLF001 - the metric is the observable here
+    dropped = hub._metrics.events_dropped  # the metric is the observable here
     total = sum(
         s.value for metric in dropped.collect() for s in metric.samples if s.name.endswith("_total")
     )
@@ -219,15 +226,11 @@ async def test_reconnect_resubscribes_everything_then_asks_streams_to_resync() -
         await hub.subscribe(sub.channel, sub)
     server.up = False
     server.crash()
-    async with asyncio.timeout(2):
-        while hub.connected:
-            await asyncio.sleep(0.001)
+    await _until(lambda: not hub.connected)
     assert not hub.ready
     assert not any(sub.resync for sub in subs)
     server.up = True
-    async with asyncio.timeout(2):
-        while not hub.ready:
-            await asyncio.sleep(0.001)
+    await _until(lambda: hub.ready)
     assert sorted(c.decode() for c in server.conn.channels) == sorted(s.channel for s in subs)
     assert all(sub.resync for sub in subs)
     await hub.__aexit__()
@@ -241,9 +244,7 @@ async def test_silent_connection_is_pinged_then_replaced() -> None:
     assert ("PING",) in first.sent
     assert not first.closed  # it answered
     first.send = _swallow  # type: ignore[method-assign]  # a link that silently eats everything
-    async with asyncio.timeout(2):
-        while server.conn is first:
-            await asyncio.sleep(0.005)
+    await _until(lambda: server.conn is not first)
     assert first.closed
     await hub.__aexit__()
 

@@ -128,47 +128,47 @@ class SSEStream:
     def error(self) -> Any:
         return json.loads(self.body)
 
-    async def next_frame(self, timeout: float = 5.0) -> SSEFrame:
+    async def next_frame(self, within: float = 5.0) -> SSEFrame:
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within):
                 frame = await self._queue.get()
         except TimeoutError:
             raise TimeoutError(
-                f"no SSE frame within {timeout}s; got so far: {[f.raw for f in self.frames]}"
+                f"no SSE frame within {within}s; got so far: {[f.raw for f in self.frames]}"
             ) from None
         if frame is None:
             await self._queue.put(None)  # stay ended for later calls
             raise StreamEnded(f"stream ended; frames: {[f.raw for f in self.frames]}")
         return frame
 
-    async def next_event(self, timeout: float = 5.0) -> SSEFrame:
+    async def next_event(self, within: float = 5.0) -> SSEFrame:
         """The next frame with data, skipping comments and the retry frame."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
-                frame = await self.next_frame(timeout)
+                frame = await self.next_frame(within)
                 if frame.is_event:
                     return frame
 
-    async def take(self, count: int, timeout: float = 5.0) -> list[SSEFrame]:
-        return [await self.next_event(timeout) for _ in range(count)]
+    async def take(self, count: int, within: float = 5.0) -> list[SSEFrame]:
+        return [await self.next_event(within) for _ in range(count)]
 
-    async def until(self, event_type: str, timeout: float = 5.0) -> list[SSEFrame]:
+    async def until(self, event_type: str, within: float = 5.0) -> list[SSEFrame]:
         """Events up to and including the first one of ``event_type``."""
         out: list[SSEFrame] = []
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
-                frame = await self.next_event(timeout)
+                frame = await self.next_event(within)
                 out.append(frame)
                 if frame.event == event_type:
                     return out
 
-    async def wait_ended(self, timeout: float = 5.0) -> list[SSEFrame]:
+    async def wait_ended(self, within: float = 5.0) -> list[SSEFrame]:
         """Every frame until the server closes the stream."""
         out: list[SSEFrame] = []
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 try:
-                    out.append(await self.next_frame(timeout))
+                    out.append(await self.next_frame(within))
                 except StreamEnded:
                     return out
 
@@ -266,15 +266,15 @@ class RawStream:
         stream = cls(reader, writer)
         return stream
 
-    async def read_head(self, timeout: float = 10.0) -> int:
-        async with asyncio.timeout(timeout):
+    async def read_head(self, within: float = 10.0) -> int:
+        async with asyncio.timeout(within):
             self.head = await self.reader.readuntil(b"\r\n\r\n")
         self.status = int(self.head.split(b" ", 2)[1])
         return self.status
 
-    async def read_frames(self, timeout: float = 5.0) -> list[SSEFrame]:
+    async def read_frames(self, within: float = 5.0) -> list[SSEFrame]:
         """Whatever complete frames arrive in the next read (de-chunked); [] at EOF."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 chunk = await self.reader.read(65536)
                 if not chunk:
