@@ -3,6 +3,7 @@ relays with their own settings. Tests use fresh ids (``ids``) so they never see 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -123,3 +124,14 @@ async def rclient(relay_redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+async def eventually(
+    predicate: Callable[[], bool], within: float = 10.0, what: str = "condition"
+) -> None:
+    """Like ``wait_until`` but yields to the event loop between polls (sockets may need to close)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,63 @@
+"""SPEC §5 connection limits over real HTTP: per process 503, per user 429, both with Retry-After."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from tests.relay.conftest import RelayFactory, eventually
+from tests.support.seed import Seeder
+from tests.support.sse import SSEStream, open_sse
+
+NOTIFICATIONS = "/api/upload/sessions/notifications/stream"
+
+
+def _retry_after(stream: SSEStream) -> int:
+    value = stream.headers["retry-after"]
+    assert value.isdigit(), value
+    assert int(value) >= 1
+    return int(value)
+
+
+async def test_per_user_and_per_process_limits(
+    relay_factory: RelayFactory, seed: Seeder, ids: Callable[[str], str]
+) -> None:
+    relay = relay_factory(RELAY_MAX_CONNECTIONS="3", RELAY_MAX_CONNECTIONS_PER_USER="2")
+    pending_session = ids("s")  # a stream waiting for its session counts too
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(
+            open_sse(relay.base_url, NOTIFICATIONS, token=relay.token("alice"))
+        )
+        second = await stack.enter_async_context(
+            open_sse(
+                relay.base_url,
+                f"/api/upload/sessions/{pending_session}/stream",
+                token=relay.token("alice"),
+            )
+        )
+        assert (first.status_code, second.status_code) == (200, 200)
+        async with open_sse(relay.base_url, NOTIFICATIONS, token=relay.token("alice")) as third:
+            assert third.status_code == 429
+            _retry_after(third)
+            assert set(third.error()) == {"error"}
+        bob = await stack.enter_async_context(
+            open_sse(relay.base_url, NOTIFICATIONS, token=relay.token("bob"))
+        )
+        assert bob.status_code == 200
+        async with open_sse(relay.base_url, NOTIFICATIONS, token=relay.token("carol")) as full:
+            assert full.status_code == 503
+            _retry_after(full)
+            assert set(full.error()) == {"error"}
+        assert relay.metric("rapidphoto_relay_rejected_streams_total", 'limit="user"') == 1
+        assert relay.metric("rapidphoto_relay_rejected_streams_total", 'limit="process"') == 1
+    # closing streams frees their places
+    await eventually(
+        lambda: (
+            relay.metric("rapidphoto_relay_open_streams", 'kind="notifications"') == 0
+            and relay.metric("rapidphoto_relay_open_streams", 'kind="session"') == 0
+        ),
+        within=5,
+        what="streams released",
+    )
+    async with open_sse(relay.base_url, NOTIFICATIONS, token=relay.token("carol")) as again:
+        assert again.status_code == 200
