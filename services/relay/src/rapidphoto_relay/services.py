@@ -40,6 +40,7 @@ async def open_services(settings: Settings, metrics: RelayMetrics) -> AsyncItera
         timeout=5,
         socket_connect_timeout=2,
         socket_timeout=5,
+        client_name="rapidphoto-relay",
     )
     redis = aioredis.Redis(connection_pool=pool)
     transport = RedisTransport(settings.redis_url)

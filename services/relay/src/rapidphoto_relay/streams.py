@@ -56,12 +56,12 @@ _FLUSH_ON_CLOSE: Final = frozenset({"slow-consumer", "shutdown"})
 
 StreamKind = Literal["session", "notifications"]
 
-_HEADERS: Final = [
+_HEADERS: Final = (
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
     # nginx buffers proxied responses by default, which would hold events back.
     (b"x-accel-buffering", b"no"),
-]
+)
 
 
 async def _watch_disconnect(receive: Receive, sub: Subscriber) -> None:
@@ -111,7 +111,8 @@ class EventStream:
             },
         )
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            # A fresh list: middleware (CORS) appends to the message's headers in place.
+            await send({"type": "http.response.start", "status": 200, "headers": list(_HEADERS)})
             await self._write(send, sse.retry(self.services.settings.sse_retry_ms))
             if not self.pending or await self._await_session(send):
                 await self._pump(send)

@@ -69,6 +69,7 @@ class RedisTransport:
             # RESP2: messages and subscription replies are plain arrays that read_response
             # returns. Under RESP3 they are push frames that redis-py routes to its own handlers.
             protocol=2,
+            client_name="rapidphoto-relay:pubsub",  # CLIENT LIST shows who is who
         )
 
     async def connect(self) -> PubSubConnection:
