@@ -144,6 +144,12 @@ def test_error_log_level_keeps_request_lines_out(rendered: NginxServer) -> None:
     assert one(top, "error_log")["args"][1] == "crit"
 
 
+def test_reload_does_not_wait_for_streams_to_end(rendered: NginxServer) -> None:
+    """Old workers would otherwise live as long as the longest open stream after a reload."""
+    top = parse(rendered.conf)
+    assert seconds(one(top, "worker_shutdown_timeout")["args"][0]) <= 30
+
+
 def test_tls_server_with_http2_is_documented() -> None:
     template = TEMPLATE.read_text()
     assert "#     http2 on;" in template
