@@ -38,7 +38,7 @@ def _unsigned(claims: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("via", ["header", "cookie", "query"])
 async def test_each_token_source_authenticates(relay: Relay, via: str) -> None:
-    status, headers, _ = await _status(relay, token=relay.token("u1"), via=via)  # type: ignore[arg-type]
+    status, headers, _ = await _status(relay, token=relay.token("u1"), via=via)
     assert status == 200
     assert headers["content-type"] == "text/event-stream"
 
@@ -139,13 +139,14 @@ async def test_authentication_comes_before_ownership(relay: Relay, seed: Any, id
 
 async def test_issuer_and_audience_are_checked_when_configured(relay_factory: RelayFactory) -> None:
     relay = relay_factory(JWT_ISSUER="https://issuer.example", JWT_AUDIENCE="rapidphoto")
-    right = {"issuer": "https://issuer.example", "audience": "rapidphoto"}
+    right: dict[str, Any] = {"issuer": "https://issuer.example", "audience": "rapidphoto"}
     assert (await _status(relay, token=relay.token("u1", **right)))[0] == 200
-    for claims in (
+    wrong: tuple[dict[str, Any], ...] = (
         {"issuer": "https://evil.example", "audience": "rapidphoto"},
         {"issuer": "https://issuer.example", "audience": "other"},
         {},
-    ):
+    )
+    for claims in wrong:
         status, headers, _ = await _status(relay, token=relay.token("u1", **claims))
         assert (status, headers["www-authenticate"]) == (401, INVALID), claims
 

@@ -58,7 +58,7 @@ async def test_slow_consumer_is_closed_while_a_fast_one_keeps_up(
                 channel, json.dumps({"type": "notification", "n": n, "pad": pad})
             )
         await asyncio.wait_for(reader, 15)
-        assert received[-1] - started < 5
+        assert received[-1] - started < 8  # not held back by the slow one (fan-out never waits)
         assert relay.metric("rapidphoto_relay_slow_consumer_closes_total") == 1
         # the fast stream is still live
         await seed.publish_raw(channel, '{"type":"notification","after":true}')

@@ -102,7 +102,7 @@ def _sub(channel: str = "upload-session:s", limit: int = 100) -> Subscriber:
 
 
 async def _hub(server: FakeServer, **kwargs: Any) -> Hub:
-    hub = Hub(server, RelayMetrics(), backoff_base=0.01, backoff_cap=0.02, **kwargs)  # type: ignore[arg-type]
+    hub = Hub(server, RelayMetrics(), backoff_base=0.01, backoff_cap=0.02, **kwargs)
     await hub.__aenter__()
     await _until(lambda: hub.connected)
     return hub

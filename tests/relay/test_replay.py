@@ -28,7 +28,7 @@ def path(session_id: str) -> str:
 
 
 async def _log(seed: Seeder, key: str) -> list[tuple[str, str]]:
-    return [(i, f["data"]) for i, f in await seed.redis.xrange(key)]
+    return await seed.entries(key)
 
 
 def _pairs(frames: list[SSEFrame]) -> list[tuple[str | None, str | None]]:

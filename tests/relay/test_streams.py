@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from rapidphoto_contract import keys
 from tests.relay.conftest import Relay, RelayFactory
 from tests.support.seed import Seeder
-from tests.support.sse import SSEFrame, open_sse
+from tests.support.sse import SSEFrame, SSEStream, open_sse
 
 Ids = Callable[[str], str]
 
@@ -25,8 +25,8 @@ def path(session_id: str) -> str:
 
 
 async def _log(seed: Seeder, session_id: str) -> list[tuple[str, dict[str, Any]]]:
-    entries = await seed.redis.xrange(keys.session_log_key(session_id))
-    return [(entry_id, json.loads(fields["data"])) for entry_id, fields in entries]
+    entries = await seed.entries(keys.session_log_key(session_id))
+    return [(entry_id, json.loads(data)) for entry_id, data in entries]
 
 
 async def test_stream_headers_and_retry_frame_first(relay: Relay, seed: Seeder, ids: Ids) -> None:
@@ -90,8 +90,8 @@ async def test_snapshot_reflects_state_failures_and_newest_log_id(
         result = await seed.upload(session, "p3")
         live = await stream.next_event()
         assert (live.event, live.id) == ("PHOTO_UPLOADED", result.event_ids[0])
-        log = await seed.redis.xrange(keys.session_log_key(session))
-        assert live.data == log[-1][1]["data"]  # the exact published bytes
+        log = await seed.entries(keys.session_log_key(session))
+        assert live.data == log[-1][1]  # the exact published bytes
 
 
 async def test_snapshot_lists_the_100_most_recent_failures(
@@ -217,7 +217,7 @@ async def test_token_expiry_close_honours_the_leeway(
     assert exp + 2 - 0.1 <= closed_at <= exp + 2 + 2.5
 
 
-async def _complete(seed: Seeder, session: str, stream: Any) -> list[SSEFrame]:
+async def _complete(seed: Seeder, session: str, stream: SSEStream) -> list[SSEFrame]:
     await seed.upload(session, "p0")
     await seed.fail(session, "p1", "broken")
     return await stream.wait_ended(5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import redis.asyncio as aioredis
@@ -53,17 +54,21 @@ class Seeder:
     async def publish_raw(self, channel: str, payload: str | bytes) -> int:
         return int(await self.redis.publish(channel, payload))
 
+    async def entries(self, key: str) -> list[tuple[str, str]]:
+        """``(entry id, data)`` of every entry of a log: the exact bytes that were published."""
+        raw: list[tuple[str, dict[str, str]]] = await self.redis.xrange(key)  # type: ignore[assignment]
+        return [(entry_id, fields[keys.LOG_FIELD_DATA]) for entry_id, fields in raw]
+
     async def log_ids(self, session_id: str) -> list[str]:
-        entries = await self.redis.xrange(keys.session_log_key(session_id))
-        return [entry_id for entry_id, _ in entries]
+        return [entry_id for entry_id, _ in await self.entries(keys.session_log_key(session_id))]
 
     async def notification_ids(self, user_id: str) -> list[str]:
-        entries = await self.redis.xrange(keys.user_notifications_log_key(user_id))
-        return [entry_id for entry_id, _ in entries]
+        key = keys.user_notifications_log_key(user_id)
+        return [entry_id for entry_id, _ in await self.entries(key)]
 
 
 @asynccontextmanager
-async def seeder(redis_url: str, **settings: object) -> AsyncIterator[Seeder]:
+async def seeder(redis_url: str, **settings: Any) -> AsyncIterator[Seeder]:
     """A :class:`Seeder` on ``redis_url``; ``settings`` override e.g. ``session_log_maxlen``."""
     ctx = await WorkerContext.create(attrs.evolve(Settings(redis_url=redis_url), **settings))
     raw = aioredis.Redis.from_url(redis_url, decode_responses=True)

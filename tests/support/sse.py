@@ -128,47 +128,47 @@ class SSEStream:
     def error(self) -> Any:
         return json.loads(self.body)
 
-    async def next_frame(self, within: float = 5.0) -> SSEFrame:
+    async def next_frame(self, timeout: float = 5.0) -> SSEFrame:  # noqa: ASYNC109
         try:
-            async with asyncio.timeout(within):
+            async with asyncio.timeout(timeout):
                 frame = await self._queue.get()
         except TimeoutError:
             raise TimeoutError(
-                f"no SSE frame within {within}s; got so far: {[f.raw for f in self.frames]}"
+                f"no SSE frame within {timeout}s; got so far: {[f.raw for f in self.frames]}"
             ) from None
         if frame is None:
             await self._queue.put(None)  # stay ended for later calls
             raise StreamEnded(f"stream ended; frames: {[f.raw for f in self.frames]}")
         return frame
 
-    async def next_event(self, within: float = 5.0) -> SSEFrame:
+    async def next_event(self, timeout: float = 5.0) -> SSEFrame:  # noqa: ASYNC109
         """The next frame with data, skipping comments and the retry frame."""
-        async with asyncio.timeout(within):
+        async with asyncio.timeout(timeout):
             while True:
-                frame = await self.next_frame(within)
+                frame = await self.next_frame(timeout)
                 if frame.is_event:
                     return frame
 
-    async def take(self, count: int, within: float = 5.0) -> list[SSEFrame]:
-        return [await self.next_event(within) for _ in range(count)]
+    async def take(self, count: int, timeout: float = 5.0) -> list[SSEFrame]:  # noqa: ASYNC109
+        return [await self.next_event(timeout) for _ in range(count)]
 
-    async def until(self, event_type: str, within: float = 5.0) -> list[SSEFrame]:
+    async def until(self, event_type: str, timeout: float = 5.0) -> list[SSEFrame]:  # noqa: ASYNC109
         """Events up to and including the first one of ``event_type``."""
         out: list[SSEFrame] = []
-        async with asyncio.timeout(within):
+        async with asyncio.timeout(timeout):
             while True:
-                frame = await self.next_event(within)
+                frame = await self.next_event(timeout)
                 out.append(frame)
                 if frame.event == event_type:
                     return out
 
-    async def wait_ended(self, within: float = 5.0) -> list[SSEFrame]:
+    async def wait_ended(self, timeout: float = 5.0) -> list[SSEFrame]:  # noqa: ASYNC109
         """Every frame until the server closes the stream."""
         out: list[SSEFrame] = []
-        async with asyncio.timeout(within):
+        async with asyncio.timeout(timeout):
             while True:
                 try:
-                    out.append(await self.next_frame(within))
+                    out.append(await self.next_frame(timeout))
                 except StreamEnded:
                     return out
 
@@ -266,15 +266,15 @@ class RawStream:
         stream = cls(reader, writer)
         return stream
 
-    async def read_head(self, within: float = 10.0) -> int:
-        async with asyncio.timeout(within):
+    async def read_head(self, timeout: float = 10.0) -> int:  # noqa: ASYNC109
+        async with asyncio.timeout(timeout):
             self.head = await self.reader.readuntil(b"\r\n\r\n")
         self.status = int(self.head.split(b" ", 2)[1])
         return self.status
 
-    async def read_frames(self, within: float = 5.0) -> list[SSEFrame]:
+    async def read_frames(self, timeout: float = 5.0) -> list[SSEFrame]:  # noqa: ASYNC109
         """Whatever complete frames arrive in the next read (de-chunked); [] at EOF."""
-        async with asyncio.timeout(within):
+        async with asyncio.timeout(timeout):
             while True:
                 chunk = await self.reader.read(65536)
                 if not chunk:
