@@ -30,7 +30,7 @@ LOCATIONS: Final = NGINX_DIR / "rapidphoto-locations.conf"
 PLACEHOLDER: Final = re.compile(r"\$\{(NGINX_[A-Z0-9_]+)\}")
 
 #: Health parameters of each relay in the upstream block (see the template's comment on them).
-SERVER_PARAMETERS: Final = "max_fails=1 fail_timeout=10s"
+SERVER_PARAMETERS: Final = "max_fails=1 fail_timeout=5s"
 
 
 class RenderError(ValueError):

@@ -7,9 +7,10 @@ upstream, which needs no relay.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -111,10 +112,9 @@ def test_no_location_replaces_the_proxy_headers(http_block: list[Directive]) -> 
 
 def test_a_dead_relay_is_skipped(http_block: list[Directive]) -> None:
     next_upstream = one(stream_location(http_block), "proxy_next_upstream")["args"]
-    assert {"error", "timeout"} <= set(next_upstream)
+    assert {"error", "timeout", "http_503"} <= set(next_upstream)
     assert "non_idempotent" not in next_upstream
-    # A 503 is the relay's answer with Retry-After, and nginx would count it as a failure.
-    assert "http_503" not in next_upstream
+    assert "http_429" not in next_upstream
     assert seconds(one(http_block, "proxy_connect_timeout")["args"][0]) <= 5
 
 
@@ -156,12 +156,38 @@ def test_tls_server_with_http2_is_documented() -> None:
     assert "six connections per origin" in template.replace("\n    # ", " ")
 
 
-class _Stub(http.server.BaseHTTPRequestHandler):
+class StubRelay(http.server.ThreadingHTTPServer):
+    """A stand-in relay on a free port that answers every request with ``status``, counting them."""
+
+    def __init__(self, status: int = 200) -> None:
+        super().__init__(("127.0.0.1", free_port()), _StubHandler)
+        self.status = status
+        self.hits = 0
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.thread.join(5)
+
+
+class _StubHandler(http.server.BaseHTTPRequestHandler):
+    server: StubRelay
+    protocol_version = "HTTP/1.1"
+
     def do_GET(self) -> None:
-        body = b"{}"
-        self.send_response(200)
+        self.server.hits += 1
+        body = b"{}" if self.server.status == 200 else b'{"error": "too many streams"}'
+        self.send_response(self.server.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if self.server.status == 503:
+            self.send_header("Retry-After", "7")
         self.end_headers()
         self.wfile.write(body)
 
@@ -170,16 +196,86 @@ class _Stub(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def stub_upstream() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Stub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def stub_relays() -> Iterator[Callable[..., list[StubRelay]]]:
+    made: list[StubRelay] = []
+
+    def make(*statuses: int) -> list[StubRelay]:
+        stubs = [StubRelay(status) for status in statuses]
+        made.extend(stubs)
+        return stubs
+
+    yield make
+    for stub in made:
+        stub.close()
+
+
+@pytest.fixture
+def stub_upstream(stub_relays: Callable[..., list[StubRelay]]) -> str:
+    return stub_relays(200)[0].address
+
+
+@contextlib.contextmanager
+def nginx_in_front(tmp_path: Path, addresses: list[str]) -> Iterator[NginxServer]:
+    nginx = NginxServer(tmp_path / "nginx", addresses).start()
     try:
-        yield f"127.0.0.1:{server.server_address[1]}"
+        yield nginx
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+        nginx.stop()
+
+
+def test_a_busy_or_dead_relay_is_skipped(
+    tmp_path: Path, stub_relays: Callable[..., list[StubRelay]]
+) -> None:
+    busy, healthy = stub_relays(503, 200)
+    dead = f"127.0.0.1:{free_port()}"
+    with nginx_in_front(tmp_path, [busy.address, dead, healthy.address]) as nginx:
+        for _ in range(6):
+            response = httpx.get(f"{nginx.url}{STREAM_LOCATION}s1/stream")
+            assert response.status_code == 200
+    assert busy.hits == 1  # tried once, then left out for fail_timeout
+    assert healthy.hits == 6
+
+
+def test_every_relay_busy_gives_the_client_a_503_with_retry_after(
+    tmp_path: Path, stub_relays: Callable[..., list[StubRelay]]
+) -> None:
+    relays = stub_relays(503, 503)
+    with nginx_in_front(tmp_path, [r.address for r in relays]) as nginx:
+        first = httpx.get(f"{nginx.url}{STREAM_LOCATION}s1/stream")
+        # The relays' own answer, from the last one tried.
+        assert first.status_code == 503
+        assert first.headers["retry-after"] == "7"
+        assert sum(r.hits for r in relays) == 2
+        # Later requests, with one or both left out, still get a 503 to retry after (the relay's
+        # own, or nginx's in the same shape), never a bare 502.
+        for _ in range(3):
+            later = httpx.get(f"{nginx.url}{STREAM_LOCATION}s1/stream")
+            assert later.status_code == 503
+            assert int(later.headers["retry-after"]) >= 1
+            assert "error" in later.json()
+
+
+def test_no_relay_listening_gives_a_503_with_retry_after(tmp_path: Path) -> None:
+    addresses = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    with nginx_in_front(tmp_path, addresses) as nginx:
+        for path in (f"{STREAM_LOCATION}s1/stream", "/api/realtime/info"):
+            response = httpx.get(nginx.url + path)
+            assert response.status_code == 503
+            assert int(response.headers["retry-after"]) >= 1
+            assert "error" in response.json()
+
+
+def test_readiness_503_is_passed_through_not_retried(
+    tmp_path: Path, stub_relays: Callable[..., list[StubRelay]]
+) -> None:
+    """/health/ready is 503 while Redis is away; that must reach the prober, not mark relays down."""
+    relays = stub_relays(503, 503)
+    with nginx_in_front(tmp_path, [r.address for r in relays]) as nginx:
+        for expected_hits in (1, 2, 3):
+            response = httpx.get(f"{nginx.url}/health/ready")
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "7"
+            assert sum(r.hits for r in relays) == expected_hits
 
 
 @pytest.mark.parametrize(
@@ -201,16 +297,13 @@ def stub_upstream() -> Iterator[str]:
 def test_access_log_redacts_the_token(
     tmp_path: Path, stub_upstream: str, query: str, logged: str
 ) -> None:
-    nginx = NginxServer(tmp_path / "nginx", [stub_upstream]).start()
-    try:
+    with nginx_in_front(tmp_path, [stub_upstream]) as nginx:
         response = httpx.get(
             f"{nginx.url}{STREAM_LOCATION}s1/stream?{query}",
             headers={"Referer": f"{nginx.url}/demo?access_token=SECRET-R&session=s1"},
         )
         assert response.status_code == 200
         wait_until(lambda: "stream" in nginx.access_log(), timeout=5, what="the access log line")
-    finally:
-        nginx.stop()
     log = nginx.access_log()
     assert "SECRET" not in log
     assert f"GET {STREAM_LOCATION}s1/stream?{logged} HTTP/1.1" in log
