@@ -79,6 +79,24 @@ def uptime() -> str:
         return Path("/proc/loadavg").read_text().strip()
 
 
+def code_version() -> str:
+    """The commit under test, and whether the services had uncommitted changes (others' work)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "services", "shared"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.split("\n")
+    except OSError:
+        return "unknown"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return head + (f" with uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="Arguments after -- go to locust."
@@ -105,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     nofile = raise_nofile()
     load_before = uptime()
+    version = code_version()
     print(f"run_scenario: {args.scenario}; open files {nofile}; load before: {load_before}")
 
     secret = secrets.token_urlsafe(32)
@@ -197,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `.tools/bin/uv run python loadtests/run_scenario.py {args.scenario}` "
         f"({users} viewers, {spawn_rate}/s, {run_time} s, {args.relays} relay(s), "
         f"{args.events_per_second:g} events/s); locust took {elapsed:.0f} s, exit code {code}.\n\n"
+        f"Code: {version}.\n\n"
         f"Machine: {os.cpu_count()} CPU(s); load before: `{load_before}`; "
         f"after: `{load_after}`.\n\n```\n{text}```\n"
     )
