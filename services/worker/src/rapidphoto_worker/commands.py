@@ -191,12 +191,17 @@ async def start_upload_session(
 
 
 async def _owner(app: WorkerContext, session_id: str) -> str | None:
-    owner = await app.redis.hget(keys.session_state_key(session_id), keys.STATE_OWNER)
-    if owner is None:
+    """The session's owner (remembered, see OwnerCache), or None if the session does not exist."""
+    owner = app.owners.get(session_id)
+    if owner is not None:
+        return owner
+    stored = await app.redis.hget(keys.session_state_key(session_id), keys.STATE_OWNER)
+    if stored is None:
         return None
-    if not isinstance(owner, str) or not is_valid_id(owner):
+    if not isinstance(stored, str) or not is_valid_id(stored):
         raise CommandError(f"session {session_id!r} has a corrupt owner field; nothing changed")
-    return owner
+    app.owners.put(session_id, stored)
+    return stored
 
 
 def _photo_call(app: WorkerContext, session_id: str, photo_id: str, owner: str) -> dict[str, Any]:
@@ -217,9 +222,13 @@ def _photo_call(app: WorkerContext, session_id: str, photo_id: str, owner: str) 
     }
 
 
-def _photo_result(raw: object, session_id: str, photo_id: str, job_try: int) -> CommandResult:
+def _photo_result(
+    app: WorkerContext, raw: object, session_id: str, photo_id: str, job_try: int
+) -> CommandResult:
     reply = _reply(raw)
     status = reply[0]
+    if status in ("not_found", "owner_changed"):
+        app.owners.forget(session_id)
     if status == "applied":
         return _applied(reply)
     if status == "duplicate":
@@ -231,7 +240,7 @@ def _photo_result(raw: object, session_id: str, photo_id: str, job_try: int) -> 
         )
     if status == "not_found":  # expired or deleted since we read its owner
         raise _session_missing(session_id, job_try)
-    if status == "owner_changed":  # expired and started again by someone else since; read it again
+    if status == "owner_changed":  # expired and started again by someone else: read it again
         raise Retry(defer=backoff_seconds(1))
     raise RuntimeError(f"unexpected script reply {reply!r}")
 
@@ -247,7 +256,7 @@ async def complete_photo_upload(
         raw = await app.scripts.complete_photo_upload(
             **_photo_call(app, cmd.session_id, cmd.photo_id, owner)
         )
-    return _photo_result(raw, cmd.session_id, cmd.photo_id, job_try)
+    return _photo_result(app, raw, cmd.session_id, cmd.photo_id, job_try)
 
 
 def _reason_json(reason: str) -> str:
@@ -274,4 +283,4 @@ async def fail_photo_upload(
         raw = await app.scripts.fail_photo_upload(
             keys=call["keys"], args=[*call["args"], cmd.reason, reason_json]
         )
-    return _photo_result(raw, cmd.session_id, cmd.photo_id, job_try)
+    return _photo_result(app, raw, cmd.session_id, cmd.photo_id, job_try)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Final, Self
 
@@ -25,13 +26,51 @@ SOCKET_TIMEOUT_SECONDS: Final = 2.0
 CLIENT_RETRIES: Final = 1
 
 
+#: Sessions whose owner a process remembers (a few hundred bytes each).
+OWNER_CACHE_SIZE: Final = 10_000
+
+
+class OwnerCache:
+    """Session id -> owner, most recently used kept.
+
+    A photo command must name the owner's notification log in its script's KEYS, so it needs the
+    owner before the script runs: a round trip per job, unless remembered. The owner of a session
+    never changes once set; should the session expire and be started again by someone else, the
+    script sees the mismatch, changes nothing, and the command forgets the entry and tries again.
+    """
+
+    def __init__(self, maxsize: int = OWNER_CACHE_SIZE) -> None:
+        self._maxsize = maxsize
+        self._owners: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, session_id: str) -> str | None:
+        owner = self._owners.get(session_id)
+        if owner is not None:
+            self._owners.move_to_end(session_id)
+        return owner
+
+    def put(self, session_id: str, owner: str) -> None:
+        self._owners[session_id] = owner
+        self._owners.move_to_end(session_id)
+        if len(self._owners) > self._maxsize:
+            self._owners.popitem(last=False)
+
+    def forget(self, session_id: str) -> None:
+        self._owners.pop(session_id, None)
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+
 @attrs.frozen(kw_only=True)
 class WorkerContext:
-    """The process's settings, its Redis client (``str`` replies) and the loaded command scripts."""
+    """The process's settings, its Redis client (``str`` replies), the loaded command scripts and
+    the session owners it has seen."""
 
     settings: Settings
     redis: aioredis.Redis = attrs.field(repr=False)
     scripts: Scripts = attrs.field(repr=False)
+    owners: OwnerCache = attrs.field(factory=OwnerCache, repr=False)
 
     @classmethod
     async def create(cls, settings: Settings) -> Self:

@@ -15,9 +15,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
-from arq import Retry, func, run_worker
+from arq import Retry, func
 from arq.connections import ArqRedis, RedisSettings
-from arq.worker import Function
+from arq.worker import Function, get_kwargs
 from redis import exceptions as redis_errors
 
 from rapidphoto_contract.ids import is_valid_id
@@ -39,6 +39,7 @@ from rapidphoto_worker.commands import CommandResult
 from rapidphoto_worker.context import CTX_KEY, WorkerContext, from_ctx
 from rapidphoto_worker.errors import CommandError
 from rapidphoto_worker.logs import FIELDS, configure_logging
+from rapidphoto_worker.worker import BatchClaimWorker
 
 log = logging.getLogger("rapidphoto.worker")
 
@@ -207,6 +208,11 @@ class WorkerSettings:
     job_completion_wait = SHUTDOWN_GRACE_SECONDS
 
 
+def create_worker(**overrides: Any) -> BatchClaimWorker:
+    """The worker ``rapidphoto-worker`` runs: :class:`WorkerSettings`, with ``overrides``."""
+    return BatchClaimWorker(**{**get_kwargs(WorkerSettings), **overrides})  # type: ignore[arg-type]
+
+
 # --- the console script --------------------------------------------------------------------------
 
 
@@ -239,12 +245,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # asyncio.get_event_loop() creating one, which newer Pythons no longer do.
     asyncio.set_event_loop(asyncio.new_event_loop())
     try:
-        run_worker(
-            WorkerSettings,  # type: ignore[arg-type]
-            redis_settings=arq_redis,
-            ctx={SETTINGS_CTX_KEY: settings},
-            burst=options.burst,
-        )
+        create_worker(
+            redis_settings=arq_redis, ctx={SETTINGS_CTX_KEY: settings}, burst=options.burst
+        ).run()
     except ConfigError as exc:
         log.error("configuration error: %s", exc, extra={FIELDS: {"variable": exc.variable}})
         raise SystemExit(2) from None
