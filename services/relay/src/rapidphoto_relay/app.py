@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from importlib import resources
 from typing import Any
 
 from litestar import Litestar, MediaType, Request, Response, get
@@ -54,15 +55,24 @@ async def metrics_endpoint(state: State) -> Response[bytes]:
     return Response(metrics.render(), media_type=metrics.content_type)
 
 
-_DEMO_PLACEHOLDER = b"""<!doctype html>
-<meta charset="utf-8"><title>RapidPhoto live progress</title>
-<p>The live progress page is not built yet. See <a href="/schema">the API</a>.</p>
-"""
+#: The live progress page (SPEC §8), shipped inside the package.
+DEMO_PAGE_RESOURCE = "static/demo.html"
+#: The page's URL carries the user's token: never cache it, never send it on as a Referer.
+_DEMO_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def load_demo_page() -> bytes:
+    return resources.files("rapidphoto_relay").joinpath(DEMO_PAGE_RESOURCE).read_bytes()
 
 
 @get("/demo", summary="Live progress page (RELAY_DEMO=1)", tags=["demo"], media_type=MediaType.HTML)
-async def demo() -> Response[bytes]:
-    return Response(_DEMO_PLACEHOLDER, media_type=MediaType.HTML)
+async def demo(state: State) -> Response[bytes]:
+    page: bytes = state["demo_page"]
+    return Response(page, media_type=MediaType.HTML, headers=_DEMO_HEADERS)
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -100,13 +110,16 @@ def create_app(settings: Settings) -> Litestar:
         health.info,
         metrics_endpoint,
     ]
+    state = State({"authenticator": authenticator, "metrics": metrics, "settings": settings})
     if settings.relay_demo:
+        # Read once at start-up: a missing page fails the start, not the first request.
+        state["demo_page"] = load_demo_page()
         handlers.append(demo)
     return Litestar(
         route_handlers=handlers,
         lifespan=[lifespan],
         dependencies={"services": Provide(_services, sync_to_thread=False)},
-        state=State({"authenticator": authenticator, "metrics": metrics, "settings": settings}),
+        state=state,
         exception_handlers={
             RelayHTTPError: _relay_error,
             HTTPException: _http_error,
