@@ -1,0 +1,286 @@
+"""End-to-end fixtures: real ``rapidphoto-worker`` and ``rapidphoto-relay`` processes on a real Redis.
+
+:class:`Cluster` starts a worker and relays (in parallel: each process takes a few seconds to import),
+restarts a relay on its own port after a crash, and tears everything down. :class:`Truth` reads
+what the worker wrote (state, photos, event logs): the ground truth every client is held to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from rapidphoto_contract import keys
+from rapidphoto_contract.jobs import UploadJobsClient
+from rapidphoto_contract.tokens import mint_token
+from tests.conftest import TEST_SECRET
+from tests.support.processes import ManagedProcess, start_relay, start_worker, wait_until
+from tests.support.redis_server import free_port
+from tests.support.sse import SSEFrame
+
+#: The worker logs this once its Redis client and scripts are in place (rapidphoto_worker.main).
+WORKER_READY_LINE = '"worker ready"'
+SESSION_STREAM = "/api/upload/sessions/{}/stream"
+NOTIFICATION_STREAM = "/api/upload/sessions/notifications/stream"
+
+
+def fresh(prefix: str) -> str:
+    """A new id, so tests sharing a Redis server never see each other's sessions or channels."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def session_path(session_id: str) -> str:
+    return SESSION_STREAM.format(session_id)
+
+
+@dataclass
+class RelayInstance:
+    name: str
+    port: int
+    proc: ManagedProcess
+    env: dict[str, str]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample of the relay's /metrics (0 when absent)."""
+        wanted = f"{name}{{{labels}}}" if labels else name
+        text = httpx.get(self.base_url + "/metrics", timeout=5).text
+        for line in text.splitlines():
+            key, _, value = line.rpartition(" ")
+            if not line.startswith("#") and key == wanted:
+                return float(value)
+        return 0.0
+
+    def open_streams(self) -> float:
+        text = httpx.get(self.base_url + "/metrics", timeout=5).text
+        return sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith("rapidphoto_relay_open_streams{")
+        )
+
+
+@dataclass
+class Cluster:
+    """A worker and relays on ``redis_url``; everything started is stopped by the fixture."""
+
+    redis_url: str
+    log_dir: Path
+    relays: list[RelayInstance] = field(default_factory=list)
+    workers: list[ManagedProcess] = field(default_factory=list)
+    _started: list[ManagedProcess] = field(default_factory=list)
+    _names: int = 0
+
+    def token(self, user_id: str, ttl: float = 3600) -> str:
+        return mint_token(user_id, key=TEST_SECRET, ttl_seconds=ttl)
+
+    def _name(self, kind: str) -> str:
+        self._names += 1
+        return f"{kind}-{self._names}"
+
+    def start_worker(self) -> ManagedProcess:
+        worker = start_worker(self.redis_url, self.log_dir, name=self._name("worker"))
+        self._started.append(worker)
+
+        def ready() -> bool:
+            if not worker.running():
+                raise RuntimeError(f"{worker.name} exited early:\n{worker.log()}")
+            return WORKER_READY_LINE in worker.log()
+
+        wait_until(ready, timeout=30, interval=0.05, what=f"{worker.name} ready")
+        self.workers.append(worker)
+        return worker
+
+    def _start_relay(self, name: str, port: int, env: dict[str, str]) -> RelayInstance:
+        # (cast: start_relay's own keyword ``ready`` is a bool, every other one a setting)
+        settings = cast("dict[str, Any]", env)
+        proc = start_relay(self.redis_url, port, self.log_dir, name=name, **settings)
+        self._started.append(proc)
+        return RelayInstance(name, port, proc, env)
+
+    def start(
+        self,
+        *,
+        relays: int = 2,
+        worker: bool = True,
+        each: list[dict[str, str]] | None = None,
+        **env: str,
+    ) -> Cluster:
+        """Start ``relays`` relays (settings ``env``, plus ``each[i]`` for the i-th) and a
+        worker, all at once."""
+        each = each or [{} for _ in range(relays)]
+        assert len(each) == relays
+        with ThreadPoolExecutor(relays + 1) as pool:
+            futures = [
+                pool.submit(
+                    self._start_relay,
+                    self._name("relay"),
+                    free_port(),
+                    {"JWT_SECRET": TEST_SECRET, **env, **extra},
+                )
+                for extra in each
+            ]
+            worker_future = pool.submit(self.start_worker) if worker else None
+            self.relays.extend(f.result() for f in futures)
+            if worker_future is not None:
+                worker_future.result()
+        return self
+
+    def restart_relay(self, relay: RelayInstance) -> RelayInstance:
+        """Start ``relay`` again on its port (after a kill or a shutdown); same settings."""
+        assert not relay.proc.running(), f"{relay.name} is still running"
+        again = self._start_relay(f"{relay.name}-again", relay.port, relay.env)
+        self.relays[self.relays.index(relay)] = again
+        return again
+
+    def stop(self) -> None:
+        for proc in reversed(self._started):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in self._started)
+
+
+@pytest.fixture
+def cluster_factory(log_dir: Path) -> Iterator[Callable[[str], Cluster]]:
+    clusters: list[Cluster] = []
+
+    def make(redis_url: str) -> Cluster:
+        cluster = Cluster(redis_url, log_dir)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.stop()
+
+
+@pytest.fixture
+async def jobs(redis_url: str) -> AsyncIterator[UploadJobsClient]:
+    async with UploadJobsClient.connect(redis_url) as client:
+        yield client
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, within: float = 15.0, interval: float = 0.02
+) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {within} s waiting for {what}")
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    id: str
+    data: str
+
+    @property
+    def event(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.data)
+        return parsed
+
+    @property
+    def type(self) -> str:
+        return str(self.event["type"])
+
+
+class Truth:
+    """What the worker wrote in Redis, read directly."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+
+    async def _entries(self, key: str) -> list[LogEntry]:
+        raw: list[tuple[str, dict[str, str]]] = await self.redis.xrange(key)  # type: ignore[assignment]
+        return [LogEntry(entry_id, fields[keys.LOG_FIELD_DATA]) for entry_id, fields in raw]
+
+    async def log(self, session_id: str) -> list[LogEntry]:
+        return await self._entries(keys.session_log_key(session_id))
+
+    async def notifications(self, user_id: str) -> list[LogEntry]:
+        return await self._entries(keys.user_notifications_log_key(user_id))
+
+    async def state(self, session_id: str) -> dict[str, str]:
+        state: dict[str, str] = await self.redis.hgetall(keys.session_state_key(session_id))  # type: ignore[assignment]
+        return state
+
+    async def counts(self, session_id: str) -> tuple[int, int, str]:
+        """``(uploaded, failed, status)``; ``(0, 0, "")`` before the session exists."""
+        state = await self.state(session_id)
+        return (
+            int(state.get(keys.STATE_UPLOADED, 0)),
+            int(state.get(keys.STATE_FAILED, 0)),
+            state.get(keys.STATE_STATUS, ""),
+        )
+
+    async def failures(self, session_id: str) -> dict[str, str]:
+        """Photos failed now, with their reasons (from the photos hash)."""
+        photos: dict[str, str] = await self.redis.hgetall(keys.session_photos_key(session_id))  # type: ignore[assignment]
+        prefix = keys.PHOTO_FAILED_PREFIX
+        return {p: mark[len(prefix) :] for p, mark in photos.items() if mark.startswith(prefix)}
+
+    async def wait_counts(
+        self, session_id: str, uploaded: int, failed: int, within: float = 20.0
+    ) -> None:
+        async def reached() -> bool:
+            got = await self.counts(session_id)
+            return got[0] == uploaded and got[1] == failed
+
+        await eventually(reached, f"{session_id}: {uploaded} uploaded, {failed} failed", within)
+
+    async def wait_status(self, session_id: str, status: str, within: float = 20.0) -> None:
+        async def reached() -> bool:
+            return (await self.counts(session_id))[2] == status
+
+        await eventually(reached, f"{session_id}: status {status}", within)
+
+    async def wait_log_length(self, session_id: str, length: int, within: float = 20.0) -> None:
+        async def reached() -> bool:
+            return int(await self.redis.xlen(keys.session_log_key(session_id))) >= length
+
+        await eventually(reached, f"{session_id}: {length} log entries", within)
+
+
+@pytest.fixture
+async def truth(redis_client: aioredis.Redis) -> Truth:
+    return Truth(redis_client)
+
+
+def event_ids(frames: list[SSEFrame]) -> list[str | None]:
+    return [f.id for f in frames if f.is_event]
+
+
+def assert_exactly_the_log(
+    frames: list[SSEFrame], log: list[LogEntry], *, after: str | None, client: str
+) -> None:
+    """``frames`` (events only, STREAM_CLOSED excluded) are exactly the log entries after
+    ``after``: every one once, in log order, byte for byte the payload the worker published."""
+    expected = [e for e in log if after is None or _id_key(e.id) > _id_key(after)]
+    got = [(f.id, f.event, f.data) for f in frames]
+    want = [(e.id, e.type, e.data) for e in expected]
+    ids = [f.id for f in frames]
+    assert len(set(ids)) == len(ids), f"{client}: an event arrived twice: {ids}"
+    assert got == want, f"{client}: got {len(got)} events, the log has {len(want)} after {after}"
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
