@@ -23,6 +23,7 @@ import argparse
 import os
 import resource
 import secrets
+import shlex
 import subprocess
 import sys
 import time
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     text = summary.read_text() if summary.exists() else "(no summary: the run did not finish)\n"
     (out / "summary.md").write_text(
         f"# Load test `{args.scenario}`\n\n"
-        f"Command: `.tools/bin/uv run python loadtests/run_scenario.py {args.scenario}` "
+        f"Command: `.tools/bin/uv run python loadtests/run_scenario.py {shlex.join(argv)}` "
         f"({users} viewers, {spawn_rate}/s, {run_time} s, {args.relays} relay(s), "
         f"{args.events_per_second:g} events/s); locust took {elapsed:.0f} s, exit code {code}.\n\n"
         f"Code: {version}.\n\n"
