@@ -101,8 +101,12 @@ class Hub:
 
     @property
     def ready(self) -> bool:
-        """Connected, and every channel with local streams confirmed."""
-        return self.connected and all(ch.confirmed.done() for ch in self._channels.values())
+        """Connected, and every channel that was subscribed before an outage confirmed again.
+
+        A channel whose first stream is still waiting for its confirmation does not count: a burst
+        of new streams must not make a healthy relay look unready to its load balancer.
+        """
+        return self.connected and not any(ch.needs_resync for ch in self._channels.values())
 
     @property
     def channel_count(self) -> int:

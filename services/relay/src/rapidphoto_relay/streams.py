@@ -106,7 +106,8 @@ class EventStream:
                 "user": sub.user_id,
                 "channel": sub.channel,
                 "kind": self.kind,
-                "last_event_id": self.resumed_from,
+                # client-supplied: bounded, so a huge header cannot bloat the log
+                "last_event_id": None if self.resumed_from is None else self.resumed_from[:64],
                 "pending": self.pending,
             },
         )
