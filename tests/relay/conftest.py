@@ -81,6 +81,7 @@ def relay(relay_redis: RedisServer, relay_logs: Path) -> Iterator[Relay]:
         yield Relay(proc, port, relay_redis.url, TEST_SECRET)
     finally:
         proc.stop()
+        assert_no_token_in(proc.log())
 
 
 RelayFactory = Callable[..., Relay]
@@ -103,6 +104,13 @@ def relay_factory(log_dir: Path, relay_redis: RedisServer) -> Iterator[RelayFact
     yield start
     for proc in started:
         proc.stop()
+        assert_no_token_in(proc.log())
+
+
+def assert_no_token_in(log: str) -> None:
+    """SPEC §5: the query token is redacted from every log line (JWTs start with ``ey``)."""
+    assert "access_token=ey" not in log
+    assert "Bearer ey" not in log
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from rapidphoto_contract.tokens import mint_token
+from tests.conftest import TEST_SECRET
 from tests.relay.conftest import Relay, RelayFactory
 from tests.support.sse import open_sse
 
@@ -161,3 +162,26 @@ async def test_auth_failures_are_counted_by_reason(relay: Relay) -> None:
     before = relay.metric("rapidphoto_relay_auth_failures_total", 'reason="expired"')
     await _status(relay, token=relay.token("u1", ttl=-10))
     assert relay.metric("rapidphoto_relay_auth_failures_total", 'reason="expired"') == before + 1
+
+
+async def test_rs256_with_a_public_key(relay_factory: RelayFactory) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public_pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    relay = relay_factory(JWT_SECRET="", JWT_ALGORITHMS="RS256", JWT_PUBLIC_KEY=public_pem)
+    good = mint_token("u1", key=private_pem, algorithm="RS256")
+    assert (await _status(relay, token=good))[0] == 200
+    hs = mint_token("u1", key=TEST_SECRET)  # HS256 is not listed: refused, not tried with the PEM
+    status, headers, _ = await _status(relay, token=hs)
+    assert (status, headers["www-authenticate"]) == (401, INVALID)

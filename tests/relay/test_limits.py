@@ -22,7 +22,9 @@ def _retry_after(stream: SSEStream) -> int:
 async def test_per_user_and_per_process_limits(
     relay_factory: RelayFactory, seed: Seeder, ids: Callable[[str], str]
 ) -> None:
-    relay = relay_factory(RELAY_MAX_CONNECTIONS="3", RELAY_MAX_CONNECTIONS_PER_USER="2")
+    relay = relay_factory(
+        RELAY_MAX_CONNECTIONS="3", RELAY_MAX_CONNECTIONS_PER_USER="2", SSE_RETRY_MS="3500"
+    )
     pending_session = ids("s")  # a stream waiting for its session counts too
     async with contextlib.AsyncExitStack() as stack:
         first = await stack.enter_async_context(
@@ -36,9 +38,10 @@ async def test_per_user_and_per_process_limits(
             )
         )
         assert (first.status_code, second.status_code) == (200, 200)
+        assert (await first.next_frame()).raw == b"retry: 3500\n\n"  # SSE_RETRY_MS
         async with open_sse(relay.base_url, NOTIFICATIONS, token=relay.token("alice")) as third:
             assert third.status_code == 429
-            _retry_after(third)
+            assert _retry_after(third) >= 4  # never sooner than the SSE retry delay
             assert set(third.error()) == {"error"}
         bob = await stack.enter_async_context(
             open_sse(relay.base_url, NOTIFICATIONS, token=relay.token("bob"))
