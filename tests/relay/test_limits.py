@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+import pytest
+
+from rapidphoto_relay.limits import ConnectionLimits, LimitExceeded
 from tests.relay.conftest import RelayFactory, eventually
 from tests.support.seed import Seeder
 from tests.support.sse import SSEStream, open_sse
@@ -64,3 +67,31 @@ async def test_per_user_and_per_process_limits(
     )
     async with open_sse(relay.base_url, NOTIFICATIONS, token=relay.token("carol")) as again:
         assert again.status_code == 200
+
+
+# --- the counting itself, in-process ---
+
+
+def test_limits_count_per_user_and_in_total() -> None:
+    limits = ConnectionLimits(max_total=3, max_per_user=2, retry_ms=2000)
+    limits.acquire("a")
+    limits.acquire("a")
+    with pytest.raises(LimitExceeded) as per_user:
+        limits.acquire("a")
+    assert (per_user.value.status_code, per_user.value.retry_after) == (429, 2)
+    limits.acquire("b")
+    with pytest.raises(LimitExceeded) as total:
+        limits.acquire("c")
+    assert total.value.status_code == 503
+    assert 2 <= total.value.retry_after <= 4
+    limits.release("a")
+    limits.acquire("c")
+    assert (limits.total, limits.held_by("a"), limits.held_by("c")) == (3, 1, 1)
+
+
+def test_retry_after_is_at_least_one_second() -> None:
+    limits = ConnectionLimits(max_total=1, max_per_user=1, retry_ms=0)
+    limits.acquire("a")
+    with pytest.raises(LimitExceeded) as info:
+        limits.acquire("a")
+    assert info.value.retry_after == 1
