@@ -90,8 +90,12 @@ def test_limits_count_per_user_and_in_total() -> None:
 
 
 def test_retry_after_is_at_least_one_second() -> None:
-    limits = ConnectionLimits(max_total=1, max_per_user=1, retry_ms=0)
+    limits = ConnectionLimits(max_total=2, max_per_user=1, retry_ms=0)
     limits.acquire("a")
-    with pytest.raises(LimitExceeded) as info:
+    with pytest.raises(LimitExceeded) as per_user:
         limits.acquire("a")
-    assert info.value.retry_after == 1
+    assert per_user.value.retry_after == 1
+    limits.acquire("b")
+    with pytest.raises(LimitExceeded) as total:
+        limits.acquire("c")
+    assert 1 <= total.value.retry_after <= 3
