@@ -23,10 +23,12 @@ from typing import Any
 
 import attrs
 import redis.asyncio as aioredis
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
 from arq.worker import Worker, get_kwargs
+from redis.asyncio import ConnectionPool
 
 from rapidphoto_contract import keys
+from rapidphoto_contract.jobs import QUEUE_NAME, deserialize_job, serialize_job
 from rapidphoto_contract.settings import Settings
 from rapidphoto_worker.context import WorkerContext
 from rapidphoto_worker.main import SETTINGS_CTX_KEY, WorkerSettings
@@ -50,16 +52,33 @@ async def worker_context(settings: Settings) -> AsyncIterator[WorkerContext]:
         await app.aclose()
 
 
+def arq_pool(redis_url: str) -> ArqRedis:
+    """An arq client for ``redis_url``, made as the contract's UploadJobsClient makes its own.
+
+    Not ``arq.create_pool``: that passes redis-py's deprecated ``retry_on_timeout``, a
+    DeprecationWarning (an error in this suite) on every connect with redis-py >= 6.
+    """
+    pool = ArqRedis(
+        connection_pool=ConnectionPool.from_url(redis_url),
+        job_serializer=serialize_job,
+        job_deserializer=deserialize_job,
+        default_queue_name=QUEUE_NAME,
+    )
+    pool.auto_close_connection_pool = True  # closing the client closes its own pool
+    return pool
+
+
 def make_worker(
     redis_url: str,
     settings: Settings | None = None,
     worker_class: type[Worker] = BatchClaimWorker,
     **overrides: Any,
 ) -> Worker:
-    """A worker with our WorkerSettings, as ``rapidphoto-worker`` builds it, for in-process runs."""
+    """A worker with our WorkerSettings, as ``rapidphoto-worker`` builds it, for in-process runs
+    (its arq pool from :func:`arq_pool`; the worker closes it)."""
     kwargs: dict[str, Any] = {
         **get_kwargs(WorkerSettings),  # type: ignore[arg-type]
-        "redis_settings": RedisSettings.from_dsn(redis_url),
+        "redis_pool": arq_pool(redis_url),
         "ctx": {SETTINGS_CTX_KEY: settings or worker_settings(redis_url)},
         "handle_signals": False,
         "poll_delay": 0.01,

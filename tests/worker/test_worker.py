@@ -1,0 +1,101 @@
+"""rapidphoto_worker.worker: BatchClaimWorker claims jobs as arq would, many per round trip."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import arq
+import redis.asyncio as aioredis
+
+from rapidphoto_contract.jobs import UploadJobsClient
+from rapidphoto_worker.context import CTX_KEY
+from rapidphoto_worker.worker import BatchClaimWorker
+from tests.support.worker import make_worker, run_worker_burst, running_worker, wait_for
+
+
+async def queue(client: aioredis.Redis, **scores: int) -> None:
+    await client.zadd("arq:queue", scores)
+
+
+async def test_claims_only_due_jobs_that_nobody_holds(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    now = int(asyncio.get_running_loop().time())  # any score in the past will do
+    await queue(redis_client, due=1000 + now, held=1000, deferred=10**15)
+    await redis_client.set("arq:in-progress:held", "1", px=5000)
+    worker = make_worker(redis_url)
+    assert isinstance(worker, BatchClaimWorker)
+    try:
+        claimed = await worker._claim_jobs(["due", "held", "deferred", "finished"])
+    finally:
+        await worker.pool.aclose()
+
+    assert claimed == [("due", 1000 + now)]
+    # Held with arq's own key and lifetime: job_timeout + 10 s.
+    ttl = await redis_client.pttl("arq:in-progress:due")
+    assert worker.in_progress_timeout_s * 1000 - 1000 < ttl <= worker.in_progress_timeout_s * 1000
+    assert await redis_client.pttl("arq:in-progress:held") <= 5000  # untouched
+    assert await redis_client.exists("arq:in-progress:deferred", "arq:in-progress:finished") == 0
+
+
+async def test_never_runs_more_than_max_jobs_at_once_and_runs_them_all(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    running = 0
+    most = 0
+
+    async def on_start(ctx: dict[str, Any]) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+
+    async def on_end(ctx: dict[str, Any]) -> None:
+        nonlocal running
+        running -= 1
+
+    async with UploadJobsClient.connect(redis_url) as jobs:
+        await jobs.start_upload_session("s1", "u1", 60)
+        for n in range(60):
+            await jobs.complete_photo_upload("s1", f"p{n}")
+
+    await run_worker_burst(redis_url, max_jobs=3, on_job_start=on_start, on_job_end=on_end)
+
+    assert most == 3
+    assert await redis_client.hget("rapidphoto:session:s1:state", "uploaded") == "60"
+
+
+async def test_shares_a_queue_with_stock_arq_workers_without_running_a_job_twice(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    runs: list[str] = []
+
+    async def on_start(ctx: dict[str, Any]) -> None:
+        runs.append(ctx["job_id"])
+
+    async with (
+        running_worker(
+            redis_url, worker_class=arq.Worker, max_jobs=5, on_job_start=on_start
+        ) as stock,
+        running_worker(redis_url, max_jobs=5, on_job_start=on_start) as batch,
+    ):
+
+        async def both_ready() -> bool:
+            return CTX_KEY in stock.ctx and CTX_KEY in batch.ctx
+
+        async def done(*job_ids: str) -> bool:
+            keys = [f"arq:result:{job_id}" for job_id in job_ids]
+            return await redis_client.exists(*keys) == len(keys)
+
+        await wait_for(both_ready, within=10, what="both workers started")
+        async with UploadJobsClient.connect(redis_url) as jobs:
+            # The session first, so that no photo job is retried: then every job runs once.
+            start = (await jobs.start_upload_session("s1", "u1", 500)).job_id
+            await wait_for(lambda: done(start), within=10, what="session started")
+            ids = [(await jobs.complete_photo_upload("s1", f"p{n}")).job_id for n in range(500)]
+        await wait_for(lambda: done(*ids), within=30, what="all jobs done")
+
+    assert stock.jobs_complete > 0
+    assert batch.jobs_complete > 0
+    assert sorted(runs) == sorted([start, *ids])  # each job ran once, by one of the two
+    assert await redis_client.hget("rapidphoto:session:s1:state", "uploaded") == "500"
