@@ -54,18 +54,15 @@ class FakeConnection:
             self.inbox.put_nowait(reply)
         self.held.clear()
 
-    async def read(self, wait_seconds: float | None) -> list[Any] | None:
-        try:
-            async with asyncio.timeout(wait_seconds):
-                item = await self.inbox.get()
-        except TimeoutError:
-            return None
+    async def read(self) -> list[Any]:
+        item = await self.inbox.get()
         if isinstance(item, Exception):
             raise item
         return item
 
     async def close(self) -> None:
         self.closed = True
+        self.inbox.put_nowait(RedisConnectionError("closed"))
 
 
 class FakeServer:

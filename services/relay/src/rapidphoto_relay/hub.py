@@ -80,6 +80,7 @@ class Hub:
         self._to_unsubscribe: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        self._last_read = 0.0
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
         self.connected = False
@@ -227,17 +228,40 @@ class Hub:
             await self._send_subscriptions("SUBSCRIBE", names[start : start + RESUBSCRIBE_CHUNK])
 
     async def _read_loop(self, conn: PubSubConnection) -> None:
-        ping_sent = False
+        loop = asyncio.get_running_loop()
+        self._last_read = loop.time()
+        keepalive = asyncio.create_task(self._keepalive(conn), name="relay-hub-keepalive")
+        try:
+            while True:
+                reply = await conn.read()
+                self._last_read = loop.time()
+                self._handle(reply)
+        finally:
+            keepalive.cancel()
+
+    async def _keepalive(self, conn: PubSubConnection) -> None:
+        """PING a connection silent for ``ping_interval``; close it if the PONG does not come.
+
+        A link can die without an error (a NAT dropping state, a host gone): without this the
+        reader would wait forever while every stream silently stops receiving.
+        """
+        loop = asyncio.get_running_loop()
+        interval = self._ping_interval
         while True:
-            reply = await conn.read(self._ping_interval)
-            if reply is None:
-                if ping_sent:
-                    raise ValueError(f"no reply to PING within {self._ping_interval}s")
-                await conn.send("PING")
-                ping_sent = True
+            await asyncio.sleep(interval)
+            if loop.time() - self._last_read < interval:
                 continue
-            ping_sent = False
-            self._handle(reply)
+            pinged_at = loop.time()
+            try:
+                await conn.send("PING")
+            except _CONNECTION_ERRORS:
+                return  # the reader sees the failure too
+            await asyncio.sleep(interval)
+            if self._last_read < pinged_at:  # nothing at all since the PING, not even its PONG
+                log.warning("redis pub/sub silent, reconnecting", extra={"after_s": 2 * interval})
+                with contextlib.suppress(*_CONNECTION_ERRORS):
+                    await conn.close()  # the pending read fails; the reader reconnects
+                return
 
     def _handle(self, reply: list[Any]) -> None:
         kind = reply[0]

@@ -25,8 +25,8 @@ class PubSubConnection(Protocol):
     async def send(self, *args: str | bytes) -> None:
         """Write one command (``SUBSCRIBE``, ``UNSUBSCRIBE``, ``PING``); raises on a broken link."""
 
-    async def read(self, wait_seconds: float | None) -> list[Any] | None:
-        """The next reply or push message; ``None`` if ``wait_seconds`` pass without one."""
+    async def read(self) -> list[Any]:
+        """The next reply or push message; raises when the connection fails or is closed."""
 
     async def close(self) -> None: ...
 
@@ -45,12 +45,10 @@ class _RedisConnection:
         # hub's reader for the socket.
         await self._conn.send_command(*args, check_health=False)
 
-    async def read(self, wait_seconds: float | None) -> list[Any] | None:
-        reply = await self._conn.read_response(
-            timeout=math.inf if wait_seconds is None else wait_seconds, disconnect_on_error=True
-        )
-        if reply is None:
-            return None
+    async def read(self) -> list[Any]:
+        # No per-read timeout (it would cost a timer per message): the hub's keepalive task
+        # PINGs a silent connection and closes it when no reply comes.
+        reply = await self._conn.read_response(timeout=math.inf, disconnect_on_error=True)
         if not isinstance(reply, list):
             return [reply]  # PING's reply before any subscription: a simple string
         return reply
