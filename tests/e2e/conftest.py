@@ -8,6 +8,7 @@ what the worker wrote (state, photos, event logs): the ground truth every client
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -15,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import httpx
 import pytest
@@ -28,6 +29,8 @@ from tests.conftest import TEST_SECRET
 from tests.support.processes import ManagedProcess, start_relay, start_worker, wait_until
 from tests.support.redis_server import free_port
 from tests.support.sse import SSEFrame
+
+T = TypeVar("T")
 
 #: The worker logs this once its Redis client and scripts are in place (rapidphoto_worker.main).
 WORKER_READY_LINE = '"worker ready"'
@@ -82,6 +85,8 @@ class Cluster:
     log_dir: Path
     relays: list[RelayInstance] = field(default_factory=list)
     workers: list[ManagedProcess] = field(default_factory=list)
+    #: Settings for every worker this cluster starts (e.g. SESSION_LOG_MAXLEN).
+    worker_env: dict[str, str] = field(default_factory=dict)
     _started: list[ManagedProcess] = field(default_factory=list)
     _names: int = 0
 
@@ -92,8 +97,9 @@ class Cluster:
         self._names += 1
         return f"{kind}-{self._names}"
 
-    def start_worker(self) -> ManagedProcess:
-        worker = start_worker(self.redis_url, self.log_dir, name=self._name("worker"))
+    def start_worker(self, **env: str) -> ManagedProcess:
+        env = {**self.worker_env, **env}
+        worker = start_worker(self.redis_url, self.log_dir, name=self._name("worker"), **env)
         self._started.append(worker)
 
         def ready() -> bool:
@@ -104,6 +110,18 @@ class Cluster:
         wait_until(ready, timeout=30, interval=0.05, what=f"{worker.name} ready")
         self.workers.append(worker)
         return worker
+
+    def restart_exited_workers(self, wanted: int) -> list[int]:
+        """Start workers until ``wanted`` run; returns the exit codes of those that had exited.
+        Raises ``RuntimeError`` when a new one exits at once (e.g. Redis is still down)."""
+        codes = []
+        for worker in [w for w in self.workers if not w.running()]:
+            assert worker.proc is not None
+            codes.append(worker.proc.returncode)
+            self.workers.remove(worker)
+        while len(self.workers) < wanted:
+            self.start_worker()
+        return codes
 
     def _start_relay(self, name: str, port: int, env: dict[str, str]) -> RelayInstance:
         # (cast: start_relay's own keyword ``ready`` is a bool, every other one a setting)
@@ -118,10 +136,12 @@ class Cluster:
         relays: int = 2,
         worker: bool = True,
         each: list[dict[str, str]] | None = None,
+        worker_env: dict[str, str] | None = None,
         **env: str,
     ) -> Cluster:
         """Start ``relays`` relays (settings ``env``, plus ``each[i]`` for the i-th) and a
-        worker, all at once."""
+        worker (settings ``worker_env``), all at once."""
+        self.worker_env.update(worker_env or {})
         each = each or [{} for _ in range(relays)]
         assert len(each) == relays
         with ThreadPoolExecutor(relays + 1) as pool:
@@ -284,3 +304,80 @@ def assert_exactly_the_log(
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq)
+
+
+def worker_outcomes(worker: ManagedProcess) -> list[dict[str, Any]]:
+    """The worker's one-line-per-job outcomes (JSON log lines with an ``outcome``)."""
+    lines = []
+    for line in worker.log().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "outcome" in record:
+                lines.append(record)
+    return lines
+
+
+async def drive(
+    jobs: UploadJobsClient, session_id: str, photos: int, every: float, fail_every: int = 7
+) -> set[str]:
+    """Report ``photos`` outcomes one every ``every`` seconds, as an upload pipeline paced by real
+    uploads would; every ``fail_every``-th photo fails. Returns the failed photo ids."""
+    failed = set()
+    for n in range(photos):
+        photo = f"img{n:04d}"
+        if n % fail_every == fail_every // 2:
+            await jobs.fail_photo_upload(session_id, photo, f"checksum mismatch on {photo}")
+            failed.add(photo)
+        else:
+            await jobs.complete_photo_upload(session_id, photo)
+        await asyncio.sleep(every)
+    return failed
+
+
+@contextlib.asynccontextmanager
+async def running(task: Awaitable[Any]) -> AsyncIterator[asyncio.Task[Any]]:
+    """Run ``task`` in the background for the block; cancelled if the block leaves early."""
+    background = asyncio.ensure_future(task)
+    try:
+        yield background
+    finally:
+        if not background.done():
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
+
+
+async def gather_bounded(calls: list[Callable[[], Awaitable[T]]], limit: int = 50) -> list[T]:
+    """Run ``calls`` concurrently, at most ``limit`` at a time. (UploadJobsClient's pool holds
+    redis-py's default 100 connections and raises MaxConnectionsError past them.)"""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(call: Callable[[], Awaitable[T]]) -> T:
+        async with gate:
+            return await call()
+
+    return await asyncio.gather(*(one(call) for call in calls))
+
+
+@contextlib.asynccontextmanager
+async def supervised(cluster: Cluster) -> AsyncIterator[list[int]]:
+    """What the deployment's supervisor does for workers (compose: ``restart: unless-stopped``):
+    for the block, start a new worker whenever one exits. Yields the exit codes seen."""
+    wanted = len(cluster.workers)
+    exits: list[int] = []
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            with contextlib.suppress(RuntimeError):  # exited at once: Redis not back yet
+                exits.extend(await asyncio.to_thread(cluster.restart_exited_workers, wanted))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await done.wait()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield exits
+    finally:
+        done.set()
+        await watcher
