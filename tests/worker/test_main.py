@@ -376,6 +376,7 @@ def run_console(redis_url: str, *args: str, **env: str) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("env", "variable"),
     [
@@ -398,6 +399,7 @@ def test_a_bad_setting_stops_the_worker_at_start_naming_the_variable(
     assert "hunter2" not in done.stderr + done.stdout
 
 
+@pytest.mark.e2e
 async def test_the_console_script_runs_jobs_and_logs_one_json_line_per_job(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
@@ -432,6 +434,7 @@ async def test_the_console_script_runs_jobs_and_logs_one_json_line_per_job(
     assert await redis_client.hget(keys.session_state_key("s1"), "status") == "COMPLETED"
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_the_worker_cleanly(redis_url: str, log_dir: Path) -> None:
     worker = start_worker(redis_url, log_dir)
     try:
