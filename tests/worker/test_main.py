@@ -60,6 +60,7 @@ def test_worker_settings() -> None:
     assert settings.job_timeout <= 10
     assert settings.max_tries == commands.MAX_TRIES
     assert settings.keep_result == 3600  # SPEC §3: results kept as arq keeps them
+    assert settings.health_check_interval < 30  # the image's HEALTHCHECK interval
 
 
 async def test_the_console_script_runs_the_batch_claiming_worker(redis_url: str) -> None:
@@ -437,10 +438,15 @@ async def test_the_console_script_runs_jobs_and_logs_one_json_line_per_job(
 @pytest.mark.e2e
 def test_sigterm_stops_the_worker_cleanly(redis_url: str, log_dir: Path) -> None:
     worker = start_worker(redis_url, log_dir)
+    health = f"{QUEUE_NAME}:health-check"  # arq's record, read by the image's HEALTHCHECK
     try:
-        wait_until(lambda: WORKER_READY_LINE in worker.log(), timeout=20, what="worker ready")
-        worker.signal(signal.SIGTERM)
-        assert worker.wait(15) == 0
+        with redis.Redis.from_url(redis_url) as client:
+            wait_until(lambda: WORKER_READY_LINE in worker.log(), timeout=20, what="worker ready")
+            wait_until(lambda: bool(client.exists(health)), timeout=5, what="health record")
+            assert 0 < client.pttl(health) <= (main.HEALTH_CHECK_INTERVAL_SECONDS + 1) * 1000
+            worker.signal(signal.SIGTERM)
+            assert worker.wait(15) == 0
+            assert not client.exists(health)
     finally:
         worker.kill()
     assert '"worker stopped"' in worker.log()

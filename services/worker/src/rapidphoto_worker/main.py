@@ -59,6 +59,11 @@ KEEP_RESULT_SECONDS: Final = 3600
 #: cancelled job is run again; its script either ran whole or not at all).
 SHUTDOWN_GRACE_SECONDS: Final = 5
 
+#: arq rewrites its health record (arq:queue:health-check, read by the image's HEALTHCHECK) this often;
+#: the record lives interval + 1 s. arq's default, an hour, would let a stopped queue look healthy
+#: for an hour; this is below the image's 30 s check interval (docs/operations.md).
+HEALTH_CHECK_INTERVAL_SECONDS: Final = 10
+
 #: main() hands the Settings it validated to on_startup through arq's ctx under this key.
 SETTINGS_CTX_KEY: Final = "rapidphoto_settings"
 
@@ -206,6 +211,7 @@ class WorkerSettings:
     poll_delay = POLL_DELAY_SECONDS
     keep_result = KEEP_RESULT_SECONDS
     job_completion_wait = SHUTDOWN_GRACE_SECONDS
+    health_check_interval = HEALTH_CHECK_INTERVAL_SECONDS
 
 
 def create_worker(**overrides: Any) -> BatchClaimWorker:
