@@ -7,6 +7,9 @@ everything cleanly on Ctrl-C (SIGINT) or SIGTERM, leaving no process or temporar
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import secrets
 import shutil
@@ -17,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -67,17 +71,67 @@ def wait_tcp(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+#: Signals that stop the stack (SIGHUP: the terminal went away).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Hold off the stop signals: a child started but not yet recorded would be left behind."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _child_setup() -> Callable[[], None]:
+    """Run in each child between fork and exec: unblock the stop signals (a child inherits the
+    mask :func:`signals_blocked` set), and on Linux have the child get SIGTERM when the stack
+    dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so nothing outlives a stack that could not
+    clean up."""
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    prctl = ctypes.CDLL(name, use_errno=True).prctl if name is not None else None
+    pr_set_pdeathsig = 1
+
+    def setup() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        if prctl is not None:
+            prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return setup
+
+
 class Stack:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.tmp = Path(tempfile.mkdtemp(prefix="rapidphoto-stack-"))
+        self.tmp: Path | None = None
+        self._preexec = _child_setup()
+
+    def temp_dir(self) -> Path:
+        """A private directory (Redis's), created on first use and removed by :meth:`stop`."""
+        if self.tmp is None:
+            self.tmp = Path(tempfile.mkdtemp(prefix="rapidphoto-stack-"))
+        return self.tmp
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, env=env)
-        self.procs.append((name, proc))
+        # Each child in its own process group: Ctrl-C reaches the stack alone, which then stops
+        # the children in order (relays first, so their streams end with STREAM_CLOSED shutdown
+        # while Redis is still there) instead of everything at once.
+        with signals_blocked():
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                process_group=0,
+                preexec_fn=self._preexec,  # safe: the stack runs one thread
+            )
+            self.procs.append((name, proc))
         return proc
 
     def stop(self) -> None:
+        # No second signal may cut this short and leave processes or files behind.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         # Reverse start order: simulator and relays first (streams get STREAM_CLOSED shutdown),
         # then workers, then the Redis we started.
         for name, proc in reversed(self.procs):
@@ -89,7 +143,8 @@ class Stack:
                     print(f"[stack] {name} did not stop in 10 s; killing it", file=sys.stderr)
                     proc.kill()
                     proc.wait(5)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def main() -> int:
@@ -103,17 +158,25 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=6.0, help="photo outcomes per second")
     parser.add_argument("--failure-ratio", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument(
+        "--start-delay",
+        type=float,
+        default=5.0,
+        help="seconds between starting the sessions and their first photo (time to open the page)",
+    )
     parser.add_argument("--no-simulate", action="store_true", help="start the services only")
     args = parser.parse_args()
-
-    stack = Stack()
+    # What is printed must show up at once, also when stdout is a pipe or a file.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    stack = Stack()
     try:
         if not env.get("REDIS_URL"):
             redis_bin = shutil.which("redis-server")
@@ -133,7 +196,7 @@ def main() -> int:
                     "--appendonly",
                     "no",
                     "--dir",
-                    str(stack.tmp),
+                    str(stack.temp_dir()),
                     "--loglevel",
                     "warning",
                 ],
@@ -155,15 +218,19 @@ def main() -> int:
             stack.spawn(f"worker-{i + 1}", [str(BIN / "rapidphoto-worker")], env)
 
         ports: list[int] = []
-        for i in range(args.relays):
+        relays: list[subprocess.Popen[bytes]] = []
+        for i in range(args.relays):  # all at once: each takes seconds to import and connect
             wanted = args.port + i
             port = wanted if port_free(wanted) else free_port()
             ports.append(port)
-            relay = stack.spawn(
-                f"relay-{i + 1}",
-                [str(BIN / "rapidphoto-relay"), "--host", "127.0.0.1", "--port", str(port)],
-                env,
+            relays.append(
+                stack.spawn(
+                    f"relay-{i + 1}",
+                    [str(BIN / "rapidphoto-relay"), "--host", "127.0.0.1", "--port", str(port)],
+                    env,
+                )
             )
+        for port, relay in zip(ports, relays, strict=True):
             wait_http(f"http://127.0.0.1:{port}/health/ready", 30, relay)
 
         token = subprocess.run(
@@ -206,7 +273,7 @@ def main() -> int:
                     "--seed",
                     str(args.seed),
                     "--start-delay",
-                    "5",
+                    str(args.start_delay),
                 ],
                 env,
             )
