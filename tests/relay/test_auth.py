@@ -138,10 +138,17 @@ async def test_authentication_comes_before_ownership(relay: Relay, seed: Any, id
     assert status == 403
 
 
-async def test_issuer_and_audience_are_checked_when_configured(relay_factory: RelayFactory) -> None:
-    relay = relay_factory(JWT_ISSUER="https://issuer.example", JWT_AUDIENCE="rapidphoto")
+async def test_issuer_audience_and_cookie_name_settings(relay_factory: RelayFactory) -> None:
+    relay = relay_factory(
+        JWT_ISSUER="https://issuer.example", JWT_AUDIENCE="rapidphoto", JWT_COOKIE_NAME="rp_auth"
+    )
     right: dict[str, Any] = {"issuer": "https://issuer.example", "audience": "rapidphoto"}
     assert (await _status(relay, token=relay.token("u1", **right)))[0] == 200
+    # JWT_COOKIE_NAME: the configured cookie is read, the default name is not a source any more
+    good = relay.token("u1", **right)
+    assert (await _status(relay, token=good, via="cookie", cookie_name="rp_auth"))[0] == 200
+    status, headers, _ = await _status(relay, token=good, via="cookie")
+    assert (status, headers["www-authenticate"]) == (401, "Bearer")
     wrong: tuple[dict[str, Any], ...] = (
         {"issuer": "https://evil.example", "audience": "rapidphoto"},
         {"issuer": "https://issuer.example", "audience": "other"},
