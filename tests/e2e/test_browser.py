@@ -10,7 +10,6 @@ Playwright's own browser download cannot work here, so the browser is ``/usr/bin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import subprocess
 import time
@@ -24,7 +23,8 @@ from playwright.async_api import BrowserContext, Page, async_playwright
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from rapidphoto_contract.jobs import UploadJobsClient
-from tests.e2e.conftest import Cluster, Truth, fresh
+from tests.e2e.conftest import NOTIFICATION_STREAM, Cluster, Truth, drive, fresh, running
+from tests.support.sse import open_sse
 
 pytestmark = pytest.mark.e2e
 
@@ -183,19 +183,6 @@ def demo_url(base_url: str, token: str, *sessions: str) -> str:
     return f"{base_url}/demo?access_token={token}&{query}"
 
 
-async def _drive(jobs: UploadJobsClient, session: str, photos: int, every: float) -> set[str]:
-    """Report ``photos`` outcomes, one every ``every`` seconds (every 7th a failure)."""
-    failed = set()
-    for n in range(photos):
-        if n % 7 == 3:
-            await jobs.fail_photo_upload(session, f"img{n:03d}", f"checksum mismatch on img{n:03d}")
-            failed.add(f"img{n:03d}")
-        else:
-            await jobs.complete_photo_upload(session, f"img{n:03d}")
-        await asyncio.sleep(every)
-    return failed
-
-
 def test_demo_page_is_the_packaged_file_and_only_with_relay_demo(
     cluster_factory: Callable[[str], Cluster], redis_url: str
 ) -> None:
@@ -266,8 +253,7 @@ async def test_page_shows_exact_progress_and_resumes_by_itself_after_its_relay_d
 
     # 2. Mid-session, the relay serving the page is SIGKILLed and restarted on its port, then
     # SIGTERMed (STREAM_CLOSED shutdown) and restarted again. Photos keep coming meanwhile.
-    driving = asyncio.create_task(_drive(jobs, second, 80, every=0.1))
-    try:
+    async with running(drive(jobs, second, 80, every=0.1)) as driving:
         await demo.wait_applied(second, 12)
         relay.proc.kill()
         killed_at = time.monotonic()
@@ -280,11 +266,6 @@ async def test_page_shows_exact_progress_and_resumes_by_itself_after_its_relay_d
         await asyncio.to_thread(relay.proc.wait, 10)
         relay = await asyncio.to_thread(cluster.restart_relay, relay)
         failed = await asyncio.wait_for(driving, 60)
-    finally:
-        if not driving.done():
-            driving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await driving
 
     await demo.wait_session(second, status="COMPLETED", connection="closed", within=30)
     await demo.wait(
@@ -372,4 +353,56 @@ async def test_page_stops_on_refusals_and_says_why(
     assert refused == 4  # 2 streams (the session, the notifications) x 2
     await asyncio.sleep(1.5)
     assert relay.metric("rapidphoto_relay_auth_failures_total", 'reason="expired"') == refused
+    assert demo.errors == []
+
+
+async def test_page_retries_a_busy_relay_and_catches_up(
+    cluster_factory: Callable[[str], Cluster],
+    redis_url: str,
+    jobs: UploadJobsClient,
+    truth: Truth,
+    browser: BrowserContext,
+) -> None:
+    """The user already holds both streams the relay allows them: the page's are refused with
+    429 + Retry-After. The page keeps retrying (EventSource alone would give up for good); the
+    session completes meanwhile; once slots free up both streams connect and catch up: the
+    session from its snapshot, the notifications from the log since the page opened."""
+    cluster = cluster_factory(redis_url).start(
+        relays=1, RELAY_DEMO="1", RELAY_MAX_CONNECTIONS_PER_USER="2"
+    )
+    relay = cluster.relays[0]
+    user, session = fresh("u"), fresh("s")
+    token = cluster.token(user)
+    await jobs.start_upload_session(session, user, total_photos=2)
+    await truth.wait_status(session, "IN_PROGRESS")
+    async with (
+        open_sse(relay.base_url, NOTIFICATION_STREAM, token=token) as held_1,
+        open_sse(relay.base_url, NOTIFICATION_STREAM, token=token) as held_2,
+    ):
+        assert held_1.status_code == held_2.status_code == 200
+        demo = await DemoPage.open(browser, demo_url(relay.base_url, token, session))
+        for stream in (session, "notifications"):
+            await demo.wait(
+                f"{stream} refused with 429",
+                """(name) => window.rapidphotoDemo.states.some(
+                    (s) => s.stream === name && s.reason.includes("429"))""",
+                stream,
+            )
+        await jobs.complete_photo_upload(session, "a")
+        await jobs.fail_photo_upload(session, "b", "timeout")
+        await truth.wait_status(session, "COMPLETED")
+        shown = await demo.session(session)
+        assert (shown["status"], shown["connection"]) == ("PENDING", "reconnecting")
+    # The held streams are gone: the page gets in at its next retry.
+    await demo.wait_session(session, status="COMPLETED", connection="closed", within=30)
+    shown = await demo.session(session)
+    assert (shown["uploaded"], shown["failed"], shown["total"]) == ("1", "1", "2")
+    await demo.wait(
+        "the notification published while the page was refused",
+        "(s) => !!document.querySelector(`[data-notification-session='${s}']`)",
+        session,
+        within=30,
+    )
+    assert await demo.notifications() == [("UPLOAD_SESSION_COMPLETED", session)]
+    assert (await demo.ledger())["duplicates"] == []
     assert demo.errors == []
