@@ -29,8 +29,8 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
 
-CLAIM_SCRIPT: Final = (
-    (resources.files(__package__) / "lua" / "claim_jobs.lua").read_text(encoding="utf-8")
+CLAIM_SCRIPT: Final = (resources.files(__package__) / "lua" / "claim_jobs.lua").read_text(
+    encoding="utf-8"
 )
 
 
@@ -46,9 +46,7 @@ class BatchClaimWorker(Worker):
             keys=[self.queue_name, *(in_progress_key_prefix + job_id for job_id in job_ids)],
             args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), *job_ids],
         )
-        return [
-            (reply[i].decode(), int(float(reply[i + 1]))) for i in range(0, len(reply), 2)
-        ]
+        return [(reply[i].decode(), int(float(reply[i + 1]))) for i in range(0, len(reply), 2)]
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         pending = deque(job_id.decode() for job_id in job_ids)
