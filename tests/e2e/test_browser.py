@@ -355,6 +355,22 @@ async def test_page_stops_on_refusals_and_says_why(
     assert relay.metric("rapidphoto_relay_auth_failures_total", 'reason="expired"') == refused
     assert demo.errors == []
 
+    # A token that expires while the page is open: STREAM_CLOSED token-expired, and it stops.
+    live = fresh("live")
+    await jobs.start_upload_session(live, user, total_photos=3)
+    await truth.wait_status(live, "IN_PROGRESS")
+    demo = await DemoPage.open(browser, demo_url(relay.base_url, cluster.token(user, ttl=4), live))
+    await demo.wait_session(live, status="IN_PROGRESS", connection="open")
+    await demo.wait_session(live, connection="error", within=10)
+    assert (await demo.session(live))["why"] == "stopped: token-expired"
+    await demo.wait(
+        "the notification stream stopped",
+        """() => document.querySelector("#notifications-box .why").textContent
+                 === "stopped: token-expired" """,
+    )
+    closes = [e for e in (await demo.ledger())["received"] if e["type"] == "STREAM_CLOSED"]
+    assert sorted(e["stream"] for e in closes) == sorted([live, "notifications"])
+
 
 async def test_page_retries_a_busy_relay_and_catches_up(
     cluster_factory: Callable[[str], Cluster],
