@@ -7,7 +7,9 @@ one, a private ``redis-server`` on a free port), writes the jobs straight into a
 pipelines (the JSON layout of ``rapidphoto_contract.jobs``, as any pipeline may), and measures from
 the first enqueue until every session's counts are final and every event has been received on the
 session channels. Redis CPU is ``used_cpu_sys + used_cpu_user`` from INFO, as a share of one core
-over the same wall time; worker CPU likewise from ``/proc``.
+over the same wall time; worker CPU likewise from ``/proc``. On a shared machine the wall-clock
+figure moves with everything else running; "per worker cpu-sec" (commands per second of worker CPU)
+is the steadier one: what a worker process does when it has a core to itself.
 
 Each session is one ``start_upload_session`` and ``--photos`` photo jobs (a ``--fail-ratio`` share of
 them ``fail_photo_upload``); every job changes state, so every job publishes exactly one event, plus
@@ -276,6 +278,9 @@ async def bench(args: argparse.Namespace, url: str, log_dir: Path) -> None:
     print(
         f"host cpu             {100 * host_busy / host_total:.0f}% busy of {os.cpu_count()} cores"
     )
+    # Less sensitive to other load on the machine than the wall-clock figure: what one fully busy
+    # core would do at the CPU cost per command measured here.
+    print(f"per worker cpu-sec   {commands / sum(worker_cpu):,.0f} commands (capacity of one core)")
     print(f"exit codes           {[p.returncode for p in procs]}")
     if events != expected_events or left:
         sys.exit("FAILED: not every command was applied and published")
