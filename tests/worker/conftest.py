@@ -3,6 +3,7 @@ commands and checks, byte for byte, what each one appended to the logs and publi
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -105,6 +106,10 @@ class Harness:
                 payload = json.loads(data)
                 assert payload["eventId"] == entry_id
                 assert OCCURRED_AT.fullmatch(payload["occurredAt"])
+                occurred = dt.datetime.fromisoformat(payload["occurredAt"].replace("Z", "+00:00"))
+                entry_ms = int(entry_id.split("-")[0])
+                if entry_ms < 10**13:  # not a test's made-up id from the future
+                    assert abs(occurred.timestamp() * 1000 - entry_ms) < 2000
                 assert event_type == event.TYPE
                 want = attrs.evolve(
                     cast(Any, event), event_id=entry_id, occurred_at=payload["occurredAt"]
