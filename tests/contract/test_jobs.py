@@ -434,3 +434,15 @@ async def test_connect_honours_the_database_in_the_url(
     async with UploadJobsClient.connect(url) as jobs:
         await jobs.complete_photo_upload("s1", "p1")
     assert await redis_client.zcard(QUEUE_NAME) == 1
+
+
+async def test_client_survives_more_concurrent_enqueues_than_connections(redis_url: str) -> None:
+    """Regression: the client used redis-py's default pool, which raises MaxConnectionsError at
+    once past its size, so 300 concurrent enqueues from one client failed. Now they wait."""
+    import asyncio
+
+    from rapidphoto_contract.jobs import UploadJobsClient
+
+    async with UploadJobsClient.connect(redis_url, max_connections=4) as jobs:
+        await asyncio.gather(*(jobs.complete_photo_upload("s1", f"p{i}") for i in range(300)))
+        assert await jobs.pool.zcard("arq:queue") == 300

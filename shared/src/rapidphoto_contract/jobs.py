@@ -21,7 +21,7 @@ from typing import Any, Final, Self
 import attrs
 from arq.connections import ArqRedis
 from arq.jobs import Job
-from redis.asyncio import ConnectionPool
+from redis.asyncio import BlockingConnectionPool
 
 from rapidphoto_contract.ids import validate_id, validate_session_id
 
@@ -184,8 +184,9 @@ class UploadJobsClient:
         self._owns_pool = owns_pool
 
     @classmethod
-    def connect(cls, redis_url: str) -> _Connecting:
-        return _Connecting(redis_url)
+    def connect(cls, redis_url: str, *, max_connections: int = 50) -> _Connecting:
+        """Connect to ``redis_url``; at most ``max_connections`` enqueues are in flight at once."""
+        return _Connecting(redis_url, max_connections)
 
     @property
     def pool(self) -> ArqRedis:
@@ -235,8 +236,9 @@ class UploadJobsClient:
 class _Connecting:
     """``UploadJobsClient.connect(url)``: awaitable, and an async context manager that closes."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, max_connections: int = 50) -> None:
         self._url = redis_url
+        self._max_connections = max_connections
         self._client: UploadJobsClient | None = None
 
     async def _open(self) -> UploadJobsClient:
@@ -245,7 +247,11 @@ class _Connecting:
         # ``filterwarnings = error``) and retries a dead Redis for 5 s. redis-py parses the URL
         # itself (redis://, rediss://, unix://, ?db=), the same forms Settings accepts.
         pool = ArqRedis(
-            connection_pool=ConnectionPool.from_url(self._url),
+            # Blocking: a pipeline that enqueues with many concurrent tasks waits for a free
+            # connection instead of failing with MaxConnectionsError past the pool size.
+            connection_pool=BlockingConnectionPool.from_url(
+                self._url, max_connections=self._max_connections, timeout=30
+            ),
             job_serializer=serialize_job,
             job_deserializer=deserialize_job,
             default_queue_name=QUEUE_NAME,
