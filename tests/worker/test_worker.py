@@ -49,6 +49,7 @@ async def test_never_runs_more_than_max_jobs_at_once_and_runs_them_all(
         nonlocal running, most
         running += 1
         most = max(most, running)
+        await asyncio.sleep(0.02)  # hold the slot a while: every slot gets busy
 
     async def on_end(ctx: dict[str, Any]) -> None:
         nonlocal running
