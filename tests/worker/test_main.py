@@ -32,7 +32,7 @@ from rapidphoto_worker import commands, main
 from rapidphoto_worker.context import CTX_KEY
 from rapidphoto_worker.worker import BatchClaimWorker
 from tests.support.processes import BIN, base_env, start_worker, wait_until
-from tests.support.redis_server import with_db
+from tests.support.redis_server import RedisServer, with_db
 from tests.support.worker import (
     WORKER_READY_LINE,
     ChannelRecorder,
@@ -451,3 +451,27 @@ def test_sigterm_stops_the_worker_cleanly(redis_url: str, log_dir: Path) -> None
     finally:
         worker.kill()
     assert '"worker stopped"' in worker.log()
+
+
+@pytest.mark.e2e
+def test_the_worker_survives_a_redis_restart(own_redis: RedisServer, log_dir: Path) -> None:
+    """Regression: Redis restarting under a running worker ended arq's loop and the process exited
+    with 1 ("cannot reach Redis"), so one Redis restart took every worker down (and scripts/run's
+    whole stack with it). Now the worker restarts itself with backoff and takes jobs again."""
+    worker = start_worker(own_redis.url, log_dir)
+    try:
+        wait_until(lambda: WORKER_READY_LINE in worker.log(), timeout=20, what="worker ready")
+        own_redis.restart()  # same port, empty: like a crashed Redis without persistence
+        wait_until(lambda: "lost Redis, restarting the worker" in worker.log(), 20, what="restart")
+
+        async def enqueue() -> None:
+            async with UploadJobsClient.connect(own_redis.url) as jobs:
+                await jobs.start_upload_session("after-restart", "u1", 1)
+
+        asyncio.run(enqueue())
+        with redis.Redis.from_url(own_redis.url, decode_responses=True) as client:
+            state = keys.session_state_key("after-restart")
+            wait_until(lambda: client.hget(state, "owner") == "u1", 30, what="job after restart")
+        assert worker.running()
+    finally:
+        worker.stop()

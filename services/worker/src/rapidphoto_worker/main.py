@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
@@ -64,6 +65,15 @@ SHUTDOWN_GRACE_SECONDS: Final = 5
 #: for an hour; this is below the image's 30 s check interval (docs/operations.md).
 HEALTH_CHECK_INTERVAL_SECONDS: Final = 10
 
+#: After losing Redis, main() restarts the arq worker with exponential backoff up to this cap…
+RESTART_BACKOFF_CAP_SECONDS: Final = 10.0
+#: …and starts the backoff over when the previous run lasted at least this long.
+RESTART_RESET_SECONDS: Final = 60.0
+
+#: Set by startup and left there by shutdown: main() tells "Redis went away under a running
+#: worker" (restart it) from "Redis was never reachable" (a wrong REDIS_URL: exit).
+STARTED_CTX_KEY: Final = "rapidphoto_started"
+
 #: main() hands the Settings it validated to on_startup through arq's ctx under this key.
 SETTINGS_CTX_KEY: Final = "rapidphoto_settings"
 
@@ -97,6 +107,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         await app.aclose()
         raise
     ctx[CTX_KEY] = app
+    ctx[STARTED_CTX_KEY] = True
     log.info(
         "worker ready",
         extra={
@@ -247,23 +258,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         log.error("configuration error: %s", exc, extra={FIELDS: {"variable": exc.variable}})
         raise SystemExit(2) from None
-    # arq's Worker takes the current event loop; give it a fresh one rather than rely on
-    # asyncio.get_event_loop() creating one, which newer Pythons no longer do.
-    asyncio.set_event_loop(asyncio.new_event_loop())
-    try:
-        create_worker(
-            redis_settings=arq_redis, ctx={SETTINGS_CTX_KEY: settings}, burst=options.burst
-        ).run()
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc, extra={FIELDS: {"variable": exc.variable}})
-        raise SystemExit(2) from None
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-        log.error(
-            "cannot reach Redis: %s",
-            exc,
-            extra={FIELDS: {"host": arq_redis.host, "port": arq_redis.port}},
-        )
-        raise SystemExit(1) from None
+    ever_started = False
+    attempt = 0
+    while True:
+        # arq's Worker takes the current event loop; give it a fresh one rather than rely on
+        # asyncio.get_event_loop() creating one, which newer Pythons no longer do.
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        ctx: dict[str, Any] = {SETTINGS_CTX_KEY: settings}
+        began = time.monotonic()
+        try:
+            create_worker(redis_settings=arq_redis, ctx=ctx, burst=options.burst).run()
+            return
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc, extra={FIELDS: {"variable": exc.variable}})
+            raise SystemExit(2) from None
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            ever_started = ever_started or bool(ctx.get(STARTED_CTX_KEY))
+            where = {"host": arq_redis.host, "port": arq_redis.port}
+            if options.burst or not ever_started:
+                # Never got going: a wrong REDIS_URL should fail loudly, not loop.
+                log.error("cannot reach Redis: %s", exc, extra={FIELDS: where})
+                raise SystemExit(1) from None
+            # Redis went away under a running worker (restart, fail-over): arq's loop ends with
+            # the connection. Start again rather than exit, so one Redis restart does not take
+            # every worker down with it; jobs it held run again (the scripts make that safe).
+            attempt = 1 if time.monotonic() - began > RESTART_RESET_SECONDS else attempt + 1
+            delay = min(RESTART_BACKOFF_CAP_SECONDS, 0.5 * 2 ** (attempt - 1))
+            delay *= random.uniform(0.5, 1.0)  # full jitter: workers must not reconnect in lockstep
+            log.warning(
+                "lost Redis, restarting the worker in %.1f s: %s",
+                delay,
+                exc,
+                extra={FIELDS: {**where, "attempt": attempt}},
+            )
+            time.sleep(delay)
 
 
 if __name__ == "__main__":
