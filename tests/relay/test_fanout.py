@@ -54,6 +54,13 @@ async def test_slow_consumer_is_closed_while_a_fast_one_keeps_up(
         reader = asyncio.create_task(read_fast())
         started = time.monotonic()
         for n in range(count):
+            # Keep at most WINDOW events in flight to the fast client, well inside its buffer of
+            # 20, so only a relay that holds the fast stream back behind the slow one can close
+            # it; a busy CI machine must not (this test was flaky under load without it).
+            window = 10
+            async with asyncio.timeout(10):
+                while len(received) < n - window:
+                    await asyncio.sleep(0.005)
             await seed.publish_raw(
                 channel, json.dumps({"type": "notification", "n": n, "pad": pad})
             )
