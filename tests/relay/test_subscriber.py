@@ -55,3 +55,50 @@ async def test_wait_ignoring_buffer_still_wakes_on_close_and_times_out() -> None
     assert not waiter.done()
     sub.close("shutdown")
     await asyncio.wait_for(waiter, 1)
+
+
+class _Sink:
+    """Accepts messages until told to refuse (as a paused connection would)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.refuse = False
+
+    def deliver(self, message: Message) -> bool:
+        if self.refuse:
+            return False
+        self.written.append(message.frame)
+        return True
+
+
+async def test_a_sink_takes_messages_without_waking_the_writer_until_it_refuses() -> None:
+    sub = _sub(limit=10)
+    sub.resync = False
+    sink = _Sink()
+    sub.sink = sink
+    waiter = asyncio.create_task(sub.wait())
+    await asyncio.sleep(0)
+    sub.push(Message(b"a"))
+    sub.push(Message(b"b"))
+    await asyncio.sleep(0)
+    assert not waiter.done()  # written by the sink: nothing for the writer to do
+    assert sink.written == [b"a", b"b"]
+    assert sub.buffered == 0
+    sink.refuse = True
+    sub.push(Message(b"c"))
+    assert sub.sink is None  # from now on through the buffer, in order
+    sink.refuse = False
+    sub.push(Message(b"d"))
+    await asyncio.wait_for(waiter, 1)
+    assert [m.frame for m in sub.drain()] == [b"c", b"d"]
+    assert sink.written == [b"a", b"b"]
+
+
+def test_overflow_is_reported_once_when_it_happens() -> None:
+    calls: list[None] = []
+    sub = Subscriber("c", "u", 1, 1e12, on_overflow=lambda: calls.append(None))
+    sub.push(Message(b"1"))
+    sub.push(Message(b"2"))
+    sub.push(Message(b"3"))
+    assert sub.close_reason == "slow-consumer"
+    assert len(calls) == 1

@@ -21,6 +21,7 @@ import uvicorn
 
 from rapidphoto_contract.settings import ConfigError, Settings
 from rapidphoto_relay.app import SERVICES_STATE_KEY, create_app
+from rapidphoto_relay.direct import ServerSendCapture
 from rapidphoto_relay.logs import logging_config
 from rapidphoto_relay.services import RelayServices
 
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.port is not None:
         settings = attrs.evolve(settings, relay_port=args.port)
     config = uvicorn.Config(
-        create_app(settings),
+        # Outermost, so the streams can find uvicorn's connection for direct writes (direct.py).
+        ServerSendCapture(create_app(settings)),
         host=settings.relay_host,
         port=settings.relay_port,
         loop="uvloop",

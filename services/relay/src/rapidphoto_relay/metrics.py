@@ -52,7 +52,8 @@ class RelayMetrics:
         )
         self.slow_consumer_closes = Counter(
             "rapidphoto_relay_slow_consumer_closes",
-            "Streams closed because their bounded buffer overflowed",
+            "Streams told to close because their bounded buffer overflowed (counted at once;"
+            " the stream ends when its client reads again, or is aborted)",
             registry=r,
         )
         self.auth_failures = Counter(

@@ -9,6 +9,7 @@ import attrs
 import redis.asyncio as aioredis
 
 from rapidphoto_contract.settings import Settings
+from rapidphoto_relay.direct import Coalescer
 from rapidphoto_relay.hub import Hub
 from rapidphoto_relay.limits import ConnectionLimits
 from rapidphoto_relay.metrics import RelayMetrics
@@ -30,6 +31,7 @@ class RelayServices:
     registry: StreamRegistry
     limits: ConnectionLimits
     metrics: RelayMetrics
+    coalescer: Coalescer = attrs.field(factory=Coalescer)
 
 
 @contextlib.asynccontextmanager

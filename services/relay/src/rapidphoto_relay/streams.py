@@ -4,7 +4,9 @@ A handler does the checks that can still become an HTTP error (400, 403, 204, 42
 stream (connection limits, a confirmed subscription) and returns :class:`StreamResponse`, whose ASGI
 app, :class:`EventStream`, then owns the connection. That writer is deliberately not Litestar's SSE
 machinery: frames arrive pre-encoded from the hub (one ``bytes`` object shared by every stream) and
-each wake-up writes everything buffered in a single ``send``.
+each wake-up writes everything buffered in a single ``send``. While the writer is idle and in sync,
+it is also the subscriber's sink (:meth:`EventStream.deliver`): the hub's push then writes the frame
+to the connection directly (``direct.py``), with no wake-up at all.
 
 A stream's life: status and headers, ``retry:`` alone, then (session streams whose session does not
 exist yet) up to ``PENDING_SESSION_SECONDS`` of waiting, then a log read (``replay.py``), then live
@@ -34,6 +36,7 @@ from rapidphoto_contract.stream_ids import StreamId, format_stream_id, parse_str
 from rapidphoto_contract.tokens import Principal
 from rapidphoto_relay import sse
 from rapidphoto_relay.auth import authenticated, principal_of
+from rapidphoto_relay.direct import WRITE_INTERVAL_SECONDS, DirectWriter, encode_chunk
 from rapidphoto_relay.errors import BadRequest, Forbidden, TooManyStreams, Unavailable
 from rapidphoto_relay.hub import HubUnavailable
 from rapidphoto_relay.limits import LimitExceeded
@@ -51,6 +54,8 @@ PENDING_POLL_SECONDS: Final = 0.25
 #: While Redis is unreachable, a stream retries its log read this often (on heartbeats meanwhile).
 RESYNC_RETRY_SECONDS: Final = 1.0
 SUBSCRIBE_TIMEOUT_SECONDS: Final = 5.0
+#: At most this many frames are held for one coalesced write (``direct.py``).
+MAX_HELD_FRAMES: Final = 32
 #: Close reasons after which what is already buffered is still delivered before STREAM_CLOSED.
 _FLUSH_ON_CLOSE: Final = frozenset({"slow-consumer", "shutdown"})
 
@@ -94,6 +99,12 @@ class EventStream:
         self.resumed_from = resumed_from
         #: Live messages may be written only after a successful log read (else a gap).
         self.in_sync = False
+        #: The server's connection, when live frames can be written to it directly.
+        self.direct: DirectWriter | None = None
+        #: Frames are held in the buffer for the coalescer's next flush (``direct.py``).
+        self.held = False
+        #: Held frames are written at once from this many: well below the slow-consumer limit.
+        self._hold_limit = max(1, min(MAX_HELD_FRAMES, sub.limit // 2))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.sub
@@ -114,6 +125,7 @@ class EventStream:
         try:
             # A fresh list: middleware (CORS) appends to the message's headers in place.
             await send({"type": "http.response.start", "status": 200, "headers": list(_HEADERS)})
+            self.direct = DirectWriter.attach(scope)
             await self._write(send, sse.retry(self.services.settings.sse_retry_ms))
             if not self.pending or await self._await_session(send):
                 await self._pump(send)
@@ -155,8 +167,6 @@ class EventStream:
         sub = self.sub
         floor = sub.floor
         frames: list[bytes] = []
-        metrics = self.services.metrics
-        now = time.time()
         for message in batch:
             sid = message.stream_id
             if sid is not None:
@@ -165,12 +175,77 @@ class EventStream:
                 sub.cursor = sid
             frames.append(message.frame)
             if not message.observed:
-                message.observed = True
-                assert message.occurred_at is not None
-                metrics.delivery_lag.observe(max(0.0, now - message.occurred_at))
+                self._observe(message)
             if message.terminal and self.kind == "session":
                 return frames, True
         return frames, False
+
+    def _observe(self, message: Message) -> None:
+        """The publish-to-write lag, once per message and process (at its first write)."""
+        message.observed = True
+        assert message.occurred_at is not None
+        lag = max(0.0, time.time() - message.occurred_at)
+        self.services.metrics.delivery_lag.observe(lag)
+
+    def deliver(self, message: Message) -> bool:
+        """The subscriber's sink while this writer is idle and in sync: called by the hub.
+
+        Applies the rules of :meth:`_frames` to one message and writes it straight to the
+        connection, or holds it for the coalescer when the last write was less than
+        ``WRITE_INTERVAL_SECONDS`` ago. Returns False (the message is then queued and this writer
+        woken) when the write would block, and for the message that completes a session stream,
+        which the writer handles.
+        """
+        sub = self.sub
+        if sub.buffered:  # frames already held for the next flush: this one joins them, in order
+            sub.hold(message)
+            if sub.buffered >= self._hold_limit:
+                self.flush()  # holding must never make a fast client look slow
+            return True
+        sid = message.stream_id
+        if sid is not None:
+            floor = sub.floor
+            if floor is not None and sid <= floor:
+                return True  # already written by the log read
+        if message.terminal and self.kind == "session":
+            return False
+        now = time.monotonic()
+        if now - sub.last_write < WRITE_INTERVAL_SECONDS and self._hold_limit > 1:
+            sub.hold(message)
+            if not self.held:
+                self.held = True
+                self.services.coalescer.hold(self, sub.last_write + WRITE_INTERVAL_SECONDS)
+            return True
+        chunk = message.chunk
+        if chunk is None:
+            chunk = message.chunk = encode_chunk(message.frame)
+        direct = self.direct
+        if direct is None or not direct.write(chunk):
+            return False
+        if sid is not None:
+            sub.cursor = sid
+        sub.last_write = now
+        if not message.observed:
+            self._observe(message)
+        return True
+
+    def flush(self) -> None:
+        """The coalescer's call: write everything held since the last write as one chunk."""
+        self.held = False
+        sub = self.sub
+        if sub.sink is not self or not sub.buffered:
+            return  # the writer is awake and takes the buffer itself
+        direct = self.direct
+        if direct is None or not direct.writable():
+            sub.sink = None
+            sub.wake()  # the writer blocks in send() until the client reads again
+            return
+        frames, completed = self._frames(sub.drain())
+        if frames:
+            direct.write(encode_chunk(frames[0] if len(frames) == 1 else b"".join(frames)))
+            sub.last_write = time.monotonic()
+        if completed:
+            sub.close("completed")
 
     # --- the stream's phases -------------------------------------------------------------------
 
@@ -210,6 +285,12 @@ class EventStream:
             elif sub.heartbeat_due:
                 sub.heartbeat_due = False
                 await self._write(send, sse.HEARTBEAT)
+            elif self.in_sync and self.direct is not None:
+                sub.sink = self  # idle and in sync: the hub may write to the connection itself
+                try:
+                    await sub.wait()
+                finally:
+                    sub.sink = None
             else:
                 await sub.wait(include_buffer=self.in_sync)
 
@@ -288,8 +369,6 @@ class EventStream:
         services.metrics.open_streams.labels(self.kind).dec()
         reason = sub.close_reason or DISCONNECTED
         services.metrics.stream_closes.labels(reason).inc()
-        if reason == "slow-consumer":
-            services.metrics.slow_consumer_closes.inc()
         log.info(
             "stream closed",
             extra={
@@ -344,7 +423,11 @@ async def _admit(
             raise TooManyStreams(str(exc), exc.retry_after) from None
         raise Unavailable(str(exc), exc.retry_after) from None
     sub = Subscriber(
-        channel, principal.user_id, services.settings.sse_buffer_events, principal.expires_at
+        channel,
+        principal.user_id,
+        services.settings.sse_buffer_events,
+        principal.expires_at,
+        on_overflow=services.metrics.slow_consumer_closes.inc,
     )
     try:
         await services.hub.subscribe(channel, sub, SUBSCRIBE_TIMEOUT_SECONDS)

@@ -7,14 +7,19 @@ shared by every subscriber of the channel. A full buffer closes this stream only
 
 The stream's writer (``streams.py``) sleeps in :meth:`wait` and, when woken, takes *everything*
 buffered with :meth:`drain` and writes it in one ``send``: under load that batches many events into
-one syscall instead of waking once per event.
+one syscall instead of waking once per event. While the writer is idle and in sync it also lends
+the subscriber a :class:`Sink` (``streams.py``, ``direct.py``): :meth:`Subscriber.push` then hands
+a message straight to the connection without waking the writer at all, and falls back to the
+buffer (and the writer) as soon as that cannot be done at once, so the order of frames never
+changes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Final, Literal, TypeAlias
+from collections.abc import Callable
+from typing import Final, Literal, Protocol, TypeAlias
 
 from rapidphoto_contract.stream_ids import StreamId
 
@@ -42,7 +47,7 @@ class Message:
     histogram, observed once per message and process (``observed``).
     """
 
-    __slots__ = ("frame", "observed", "occurred_at", "stream_id", "terminal")
+    __slots__ = ("chunk", "frame", "observed", "occurred_at", "stream_id", "terminal")
 
     def __init__(
         self,
@@ -57,6 +62,16 @@ class Message:
         self.terminal = terminal
         self.occurred_at = occurred_at
         self.observed = occurred_at is None
+        #: ``frame`` as an HTTP/1.1 chunk, encoded by the first direct write and then shared.
+        self.chunk: bytes | None = None
+
+
+class Sink(Protocol):
+    """Where :meth:`Subscriber.push` hands a message while the stream's writer is idle."""
+
+    def deliver(self, message: Message) -> bool:
+        """Write ``message`` now (or drop it as already delivered) and return True; return
+        False to have it queued for the writer instead."""
 
 
 class Subscriber:
@@ -64,6 +79,7 @@ class Subscriber:
 
     __slots__ = (
         "_buffer",
+        "_loop",
         "_waiter",
         "aborted",
         "channel",
@@ -74,21 +90,37 @@ class Subscriber:
         "heartbeat_due",
         "last_write",
         "limit",
+        "on_overflow",
         "opened_at",
         "resync",
+        "sink",
         "task",
         "user_id",
         "writing_since",
     )
 
-    def __init__(self, channel: str, user_id: str, limit: int, expires_at: float) -> None:
+    def __init__(
+        self,
+        channel: str,
+        user_id: str,
+        limit: int,
+        expires_at: float,
+        on_overflow: Callable[[], object] | None = None,
+    ) -> None:
         self.channel = channel
         self.user_id = user_id
         self.limit = limit
+        #: Called once when the buffer overflows, the moment the stream is told to close (its
+        #: writer may stay blocked on the client for a while before the stream ends).
+        self.on_overflow = on_overflow
         #: Wall-clock time (epoch seconds) at which the stream closes with ``token-expired``.
         self.expires_at = expires_at
         self._buffer: list[Message] = []
         self._waiter: asyncio.Future[None] | None = None
+        #: Cached: ``asyncio.get_running_loop()`` costs a ``getpid()`` system call every time.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Lent by the writer while it is idle and in sync (see the module docstring).
+        self.sink: Sink | None = None
         self.close_reason: CloseReason | None = None
         #: The stream must (re)read the log before writing live messages: set at open and after
         #: the hub resubscribed following a Redis outage (SPEC §5).
@@ -112,14 +144,25 @@ class Subscriber:
         """Queue ``message``; a full buffer closes the stream as a slow consumer instead."""
         if self.close_reason is not None:
             return
-        buffer = self._buffer
-        if len(buffer) >= self.limit:
-            self.close("slow-consumer")
-            return
-        buffer.append(message)
+        sink = self.sink
+        if sink is not None:
+            if sink.deliver(message):
+                return
+            self.sink = None  # from now on in order through the buffer, until the writer is idle
+        self.hold(message)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def hold(self, message: Message) -> None:
+        """Queue ``message`` without waking the writer (the sink holds it for a later write)."""
+        buffer = self._buffer
+        if len(buffer) >= self.limit:
+            if self.close_reason is None and self.on_overflow is not None:
+                self.on_overflow()
+            self.close("slow-consumer")
+            return
+        buffer.append(message)
 
     def close(self, reason: CloseReason) -> None:
         """Ask the writer to end the stream with ``reason`` (the first reason wins)."""
@@ -169,7 +212,10 @@ class Subscriber:
         """
         if self.has_work(include_buffer=include_buffer):
             return
-        waiter = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiter = waiter
         try:
             if seconds is None:
