@@ -11,6 +11,7 @@ import asyncio
 from typing import Any, Final
 
 from litestar import Response, get
+from litestar.di import NamedDependency
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from redis.exceptions import RedisError
 
@@ -26,7 +27,7 @@ def live() -> dict[str, str]:
 
 
 @get("/health/ready", summary="Redis and the subscription are up", tags=["health"])
-async def ready(services: RelayServices) -> Response[dict[str, Any]]:
+async def ready(services: NamedDependency[RelayServices]) -> Response[dict[str, Any]]:
     redis_ok = False
     try:
         async with asyncio.timeout(PING_TIMEOUT_SECONDS):

@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeAlias
 
 from litestar import Request, Response, get
+from litestar.di import NamedDependency
 from litestar.enums import MediaType
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
-from litestar.params import Parameter
+from litestar.params import FromPath, QueryParameter
 from litestar.types import ASGIApp, Receive, Scope, Send
 from redis.exceptions import RedisError
 
@@ -453,12 +454,16 @@ _ERRORS: Final = {
     ),
 }
 
-_LAST_EVENT_ID_QUERY = Parameter(
-    query="lastEventId",
-    required=False,
-    description="Last-Event-ID for clients that cannot send the header",
-    examples=[Example(value="1764213600000-0")],
-)
+#: ``?lastEventId=``: the ``Last-Event-ID`` of clients that cannot send the header.
+LastEventIdQuery: TypeAlias = Annotated[
+    str | None,
+    QueryParameter(
+        name="lastEventId",
+        required=False,
+        description="Last-Event-ID for clients that cannot send the header",
+        examples=[Example(value="1764213600000-0")],
+    ),
+]
 
 
 @get(
@@ -475,9 +480,9 @@ _LAST_EVENT_ID_QUERY = Parameter(
 )
 async def session_stream(
     request: Request[Any, Any, Any],
-    sessionId: str,  # the path parameter's public (camelCase) name
-    services: RelayServices,
-    last_event_id: str | None = _LAST_EVENT_ID_QUERY,
+    sessionId: FromPath[str],  # the path parameter's public (camelCase) name
+    services: NamedDependency[RelayServices],
+    last_event_id: LastEventIdQuery = None,
 ) -> Response[None]:
     principal = principal_of(request)
     session_id = sessionId
@@ -522,8 +527,8 @@ async def session_stream(
 )
 async def notification_stream(
     request: Request[Any, Any, Any],
-    services: RelayServices,
-    last_event_id: str | None = _LAST_EVENT_ID_QUERY,
+    services: NamedDependency[RelayServices],
+    last_event_id: LastEventIdQuery = None,
 ) -> Response[None]:
     principal = principal_of(request)
     raw_last = _last_event_id(request, last_event_id)

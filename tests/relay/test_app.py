@@ -1,0 +1,45 @@
+"""``create_app``: building the app is quiet (the suite runs with ``filterwarnings = error``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+from rapidphoto_contract.settings import Settings
+from rapidphoto_relay.app import create_app
+from tests.conftest import TEST_SECRET
+
+
+def _settings() -> Settings:
+    return Settings.from_env({"JWT_SECRET": TEST_SECRET, "RELAY_CORS_ORIGINS": "https://a.example"})
+
+
+def test_create_app_emits_no_warnings() -> None:
+    """Regression: ``Parameter(query=...)`` and inferred dependencies (``services``) raised
+    Litestar deprecation warnings, so any in-process use under ``-W error`` failed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        app = create_app(_settings())
+        app.openapi_schema  # noqa: B018 - built lazily: its warnings count too
+    assert [str(w.message) for w in caught] == []
+
+
+def test_importing_and_creating_the_app_is_quiet_in_a_fresh_interpreter() -> None:
+    """Import-time warnings fire once per process: only a fresh interpreter sees them all."""
+    code = (
+        "from rapidphoto_contract.settings import Settings\n"
+        "from rapidphoto_relay.app import create_app\n"
+        "create_app(Settings.from_env()).openapi_schema\n"
+    )
+    env = {**os.environ, "JWT_SECRET": TEST_SECRET}
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
