@@ -22,6 +22,7 @@ import uvicorn
 from rapidphoto_contract.settings import ConfigError, Settings
 from rapidphoto_relay.app import SERVICES_STATE_KEY, create_app
 from rapidphoto_relay.direct import ServerSendCapture
+from rapidphoto_relay.headers import HeaderSizeLimit
 from rapidphoto_relay.logs import logging_config
 from rapidphoto_relay.services import RelayServices
 
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.port is not None:
         settings = attrs.evolve(settings, relay_port=args.port)
     config = uvicorn.Config(
-        # Outermost, so the streams can find uvicorn's connection for direct writes (direct.py).
-        ServerSendCapture(create_app(settings)),
+        # Outermost, so the streams can find uvicorn's connection for direct writes (direct.py);
+        # then the header size limit, before routing and authentication (headers.py).
+        ServerSendCapture(HeaderSizeLimit(create_app(settings))),
         host=settings.relay_host,
         port=settings.relay_port,
         loop="uvloop",
