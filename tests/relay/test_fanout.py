@@ -45,22 +45,24 @@ async def test_slow_consumer_is_closed_while_a_fast_one_keeps_up(
         pad = "x" * 60_000
         count = 150
         received: list[float] = []
+        progress = asyncio.Condition()
 
         async def read_fast() -> None:
             for _ in range(count):
                 await fast.next_event(10)
                 received.append(time.monotonic())
+                async with progress:
+                    progress.notify_all()
 
         reader = asyncio.create_task(read_fast())
         started = time.monotonic()
         for n in range(count):
-            # Keep at most WINDOW events in flight to the fast client, well inside its buffer of
+            # Keep at most 10 events in flight to the fast client, well inside its buffer of
             # 20, so only a relay that holds the fast stream back behind the slow one can close
             # it; a busy CI machine must not (this test was flaky under load without it).
-            window = 10
-            async with asyncio.timeout(10):
-                while len(received) < n - window:
-                    await asyncio.sleep(0.005)
+            needed = n - 10
+            async with asyncio.timeout(10), progress:
+                await progress.wait_for(lambda needed=needed: len(received) >= needed)
             await seed.publish_raw(
                 channel, json.dumps({"type": "notification", "n": n, "pad": pad})
             )
