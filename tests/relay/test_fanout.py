@@ -4,6 +4,7 @@ instances, and many streams sharing one subscription."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -47,6 +48,9 @@ async def test_slow_consumer_is_closed_while_a_fast_one_keeps_up(
         received: list[float] = []
         progress = asyncio.Condition()
 
+        def fast_has(needed: int) -> bool:
+            return len(received) >= needed
+
         async def read_fast() -> None:
             for _ in range(count):
                 await fast.next_event(10)
@@ -60,9 +64,8 @@ async def test_slow_consumer_is_closed_while_a_fast_one_keeps_up(
             # Keep at most 10 events in flight to the fast client, well inside its buffer of
             # 20, so only a relay that holds the fast stream back behind the slow one can close
             # it; a busy CI machine must not (this test was flaky under load without it).
-            needed = n - 10
             async with asyncio.timeout(10), progress:
-                await progress.wait_for(lambda needed=needed: len(received) >= needed)
+                await progress.wait_for(functools.partial(fast_has, n - 10))
             await seed.publish_raw(
                 channel, json.dumps({"type": "notification", "n": n, "pad": pad})
             )
