@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import socket
 import sys
 from types import FrameType
 from typing import Final
 
 import attrs
 import uvicorn
+from litestar.types import ASGIApp
 
 from rapidphoto_contract.settings import ConfigError, Settings
 from rapidphoto_relay.app import SERVICES_STATE_KEY, create_app
@@ -40,6 +43,13 @@ class RelayServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)  # type: ignore[arg-type]
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # Everything built so far (modules, the app, the services) lives as long as the process:
+        # out of the collector's sight, it no longer makes every full collection ~40 ms longer.
+        gc.collect()
+        gc.freeze()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler runs between bytecodes of whatever the loop was doing: only schedule.
         if self._loop is not None and not self.should_exit:
@@ -53,6 +63,13 @@ class RelayServer(uvicorn.Server):
             self._shutdown_task = asyncio.ensure_future(
                 services.registry.shutdown(SHUTDOWN_SECONDS - 0.5)
             )
+
+
+def asgi_app(settings: Settings) -> ASGIApp:
+    """What uvicorn serves: the Litestar app behind the layers that must come first."""
+    # Outermost, so the streams can find uvicorn's connection for direct writes (direct.py);
+    # then the header size limit, before routing and authentication (headers.py).
+    return ServerSendCapture(HeaderSizeLimit(create_app(settings)))
 
 
 def _find_services(app: object) -> RelayServices | None:
@@ -84,9 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.port is not None:
         settings = attrs.evolve(settings, relay_port=args.port)
     config = uvicorn.Config(
-        # Outermost, so the streams can find uvicorn's connection for direct writes (direct.py);
-        # then the header size limit, before routing and authentication (headers.py).
-        ServerSendCapture(HeaderSizeLimit(create_app(settings))),
+        asgi_app(settings),
         host=settings.relay_host,
         port=settings.relay_port,
         loop="uvloop",
