@@ -70,6 +70,9 @@ class _Sink:
         self.written.append(message.frame)
         return True
 
+    def heartbeat(self) -> bool:
+        return not self.refuse
+
 
 async def test_a_sink_takes_messages_without_waking_the_writer_until_it_refuses() -> None:
     sub = _sub(limit=10)

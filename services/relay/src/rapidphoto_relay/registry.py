@@ -1,7 +1,7 @@
 """Every open stream of the process, and the one ticker that serves them all.
 
-One task wakes every second and, for each open stream: asks for a heartbeat comment when nothing was
-written for ``SSE_HEARTBEAT_SECONDS``; closes it with ``token-expired`` once its token's ``exp``
+One task wakes every second and, for each open stream: writes a heartbeat comment when nothing was
+written for about ``SSE_HEARTBEAT_SECONDS`` (see ``heartbeat_after``); closes it with ``token-expired`` once its token's ``exp``
 (plus ``JWT_LEEWAY_SECONDS``) has passed; retries a resync that failed on a Redis error; and aborts a
 writer that has been stuck in ``send`` on a client that stopped reading after its stream was told to
 close. One ticker instead of a timer per stream keeps an idle stream down to a few objects.
@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Final
@@ -33,6 +34,12 @@ ABORT_GRACE_SECONDS: Final = 10.0
 SHUTDOWN_ABORT_SECONDS: Final = 2.0
 #: After this many streams closed, hand freed heap memory back to the OS (see ``_malloc_trim``).
 TRIM_AFTER_CLOSES: Final = 256
+#: Each stream's heartbeat comes after an idle time drawn once between (1 - this) and 1 times
+#: ``SSE_HEARTBEAT_SECONDS``, minus half a tick. Streams opened together (a reconnection storm)
+#: would otherwise get their heartbeats in the same tick forever: with 10,000 idle streams that
+#: is one burst of 10,000 writes, every stream's live events held back behind it. Half a tick
+#: early because the ticker only looks once a second: never later than the setting, rather early.
+HEARTBEAT_JITTER: Final = 0.25
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -75,6 +82,9 @@ class StreamRegistry:
         return len(self._streams)
 
     def add(self, subscriber: Subscriber) -> None:
+        subscriber.heartbeat_after = (
+            self._heartbeat * (1.0 - HEARTBEAT_JITTER * random.random()) - TICK_SECONDS / 2
+        )
         self._streams.add(subscriber)
         self._empty.clear()
 
@@ -106,14 +116,15 @@ class StreamRegistry:
         if self._closed_since_trim >= TRIM_AFTER_CLOSES:
             self._closed_since_trim = 0
             self._trim()
-        heartbeat_before = now - self._heartbeat
         expired_at = wall - self._leeway
         for sub in self._streams:
             if sub.close_reason is None:
                 if sub.expires_at <= expired_at:
                     sub.close("token-expired")
-                elif sub.last_write <= heartbeat_before and sub.writing_since is None:
-                    sub.request_heartbeat()
+                elif now - sub.last_write >= sub.heartbeat_after and sub.writing_since is None:
+                    sink = sub.sink  # an idle writer's connection: written here, no wake-up
+                    if sink is None or not sink.heartbeat():
+                        sub.request_heartbeat()
             elif sub.writing_since is not None and now - sub.writing_since > ABORT_GRACE_SECONDS:
                 abort(sub)
 

@@ -62,6 +62,7 @@ _FLUSH_ON_CLOSE: Final = frozenset({"slow-consumer", "shutdown"})
 
 StreamKind = Literal["session", "notifications"]
 
+_HEARTBEAT_CHUNK: Final = encode_chunk(sse.HEARTBEAT)
 _HEADERS: Final = (
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -228,6 +229,20 @@ class EventStream:
         sub.last_write = now
         if not message.observed:
             self._observe(message)
+        return True
+
+    def heartbeat(self) -> bool:
+        """The ticker's call while this writer is idle: the heartbeat, straight to the connection
+        (False when it cannot go now: the writer is asked instead). Frames held for the
+        coalescer are written first, so a heartbeat never overtakes an event."""
+        direct = self.direct
+        if direct is None or not direct.writable():
+            return False
+        if self.sub.buffered:
+            self.flush()
+            return True  # the stream was just written to: no heartbeat needed
+        direct.write(_HEARTBEAT_CHUNK)
+        self.sub.last_write = time.monotonic()
         return True
 
     def flush(self) -> None:

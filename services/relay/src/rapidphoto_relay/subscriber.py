@@ -17,6 +17,7 @@ changes.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Final, Literal, Protocol, TypeAlias
@@ -73,6 +74,9 @@ class Sink(Protocol):
         """Write ``message`` now (or drop it as already delivered) and return True; return
         False to have it queued for the writer instead."""
 
+    def heartbeat(self) -> bool:
+        """Write a heartbeat now and return True; False: the writer must be asked instead."""
+
 
 class Subscriber:
     """Per-stream state shared by the hub (producer), the ticker and the stream's writer."""
@@ -87,6 +91,7 @@ class Subscriber:
         "cursor",
         "expires_at",
         "floor",
+        "heartbeat_after",
         "heartbeat_due",
         "last_write",
         "limit",
@@ -126,6 +131,8 @@ class Subscriber:
         #: the hub resubscribed following a Redis outage (SPEC §5).
         self.resync = True
         self.heartbeat_due = False
+        #: Idle seconds after which the ticker writes a heartbeat (set by the registry).
+        self.heartbeat_after = math.inf
         #: Highest log id read by the last resync: live messages at or below it are duplicates.
         self.floor: StreamId | None = None
         #: Highest id delivered (or reflected by a snapshot): where a resync resumes.
