@@ -115,6 +115,37 @@ def rss_kib(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a server may run its app in worker processes: granian)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
+
+
+def tree_cpu(pids: Sequence[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += proc_cpu(pid)
+    return total
+
+
+def tree_rss_kib(pid: int) -> int:
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += rss_kib(member)
+    return total
+
+
 def cpu_times() -> dict[int, tuple[float, float]]:
     """Per CPU: (busy, total) seconds since boot, from ``/proc/stat``."""
     out: dict[int, tuple[float, float]] = {}
@@ -651,7 +682,7 @@ async def run_scenario(
             transport.close()
         await server.wait_streams_closed()
         await asyncio.sleep(1.0)
-        result.rss_before_kib = rss_kib(server.pid)
+        result.rss_before_kib = tree_rss_kib(server.pid)
         run = Run(scenario.channels, sent)
         started = time.monotonic()
         try:
@@ -660,12 +691,13 @@ async def run_scenario(
             result.connected = sum(1 for s, _ in opened if s.opened.done() and not s.closed)
         result.connect_s = time.monotonic() - started
         await asyncio.sleep(2.0)  # let the server settle (first writes, allocations)
-        result.rss_open_kib = rss_kib(server.pid)
+        result.rss_open_kib = tree_rss_kib(server.pid)
         result.kib_per_stream = (result.rss_open_kib - result.rss_before_kib) / scenario.streams
         spy = await start_profiler(profile, scenario, target, server.pid)
         lags = array("d")
         lag_watch = asyncio.create_task(watch_loop_lag(lags))
-        server_cpu0, client_cpu0, cpus0 = proc_cpu(server.pid), proc_cpu(os.getpid()), cpu_times()
+        server_pids = process_tree(server.pid)
+        server_cpu0, client_cpu0, cpus0 = tree_cpu(server_pids), proc_cpu(os.getpid()), cpu_times()
         started = time.monotonic()
         if scenario.rate > 0:
             publisher = await asyncio.create_subprocess_exec(
@@ -713,7 +745,7 @@ async def run_scenario(
         result.client_lag_p99_ms = percentile(ordered_lags, 0.99) * 1000
         result.client_lag_max_ms = (ordered_lags[-1] if ordered_lags else 0.0) * 1000
         cpus1 = cpu_times()
-        result.server_cpu_s = proc_cpu(server.pid) - server_cpu0
+        result.server_cpu_s = tree_cpu(server_pids) - server_cpu0
         client_cpu = proc_cpu(os.getpid()) - client_cpu0
         result.server_cpu_share = result.server_cpu_s / result.seconds
         result.client_cpu_share = client_cpu / result.seconds
@@ -765,7 +797,8 @@ async def start_profiler(
         return None
     spy = shutil.which("py-spy") or str(BIN / "py-spy")
     out = folder / f"{target}-{scenario.name}.txt"
-    argv = [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", *PYSPY_MODE]
+    argv = [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "200", "--format", "raw"]
+    argv += PYSPY_MODE
     return await asyncio.create_subprocess_exec(
         *pinned(0), *argv, "-o", str(out), stdout=asyncio.subprocess.DEVNULL
     )
