@@ -23,9 +23,7 @@ import asyncio
 import os
 import random
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,53 +46,29 @@ from rapidphoto_contract.jobs import (
     serialize_job,
 )
 
+# Run as a script (`python loadtests/<name>.py`): make the repository root importable for
+# tests.support, which holds the one way this project starts a private redis-server.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.redis_server import RedisServer
+
 BIN = Path(sys.executable).parent
 #: arq's key layout (arq.constants), which the contract documents as the wire format of a job.
 JOB_KEY_PREFIX = "arq:job:"
 JOB_EXPIRES_MS = 86_400_000
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
 def redis_server(url: str | None) -> Iterator[str]:
+    """``url`` when given, else a private in-memory redis-server for the run."""
     if url:
         yield url
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("no REDIS_URL and no redis-server binary")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="bench-redis-")
-    proc = subprocess.Popen(
-        [
-            *(binary, "--port", str(port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no", "--dir", workdir, "--loglevel", "warning"),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    server = RedisServer()
+    server.start()
     try:
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis.from_url(url) as client:
-                    client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
 
 
 def proc_cpu_seconds(pid: int) -> float:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,11 @@ import redis.asyncio as aioredis
 
 from rapidphoto_contract import keys
 from rapidphoto_contract.jobs import UploadJobsClient
+
+# Run as a script (`python loadtests/<name>.py`): make the repository root importable for
+# tests.support, which holds the one way this project starts a private redis-server.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.redis_server import RedisServer
 
 BIN = Path(sys.executable).parent
 #: A typical failure reason: what the upload pipeline reports (SPEC §3 allows up to 1024 characters).
@@ -58,40 +61,14 @@ class Measurement:
         return sum(v for k, v in self.keys.items() if k != "notifications")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
 def private_redis() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found (scripts/setup installs it) and no --redis-url")
-    port, workdir = free_port(), tempfile.mkdtemp(prefix="rapidphoto-memory-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    server = RedisServer()
+    server.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis.from_url(url) as client:
-                    client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
 
 
 def with_db(url: str, db: int) -> str:
