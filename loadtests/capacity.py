@@ -65,6 +65,8 @@ from typing import Final
 import uvloop
 
 ROOT: Final = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: the repository's packages (deploy) importable
+    sys.path.insert(0, str(ROOT))
 BIN: Final = Path(sys.executable).parent
 SECRET: Final = "capacity-secret-capacity-secret-0123456789"
 STREAM_PATH: Final = "/api/upload/sessions/notifications/stream"
@@ -520,6 +522,7 @@ class Result:
     rss_before_kib: int = 0
     rss_open_kib: int = 0
     kib_per_stream: float = 0.0
+    proxy_kib_per_stream: float | None = None
     idle_cpu_s_per_min: float = 0.0
     client_cpu_share: float = 0.0
     client_lag_p99_ms: float = 0.0
@@ -639,6 +642,49 @@ class Server:
             self.proc.wait(10)
 
 
+class Nginx:
+    """The deployed nginx template (``deploy/nginx``) in front of the server, on CPU 0: what a
+    stream costs the proxy too (``--via-nginx``)."""
+
+    def __init__(self, folder: Path, upstream_port: int) -> None:
+        from deploy.render_nginx import NginxLayout, write_config
+
+        self.port = free_port()
+        layout = NginxLayout.local(
+            folder, f"127.0.0.1:{self.port}", [f"127.0.0.1:{upstream_port}"], worker_processes="2"
+        )
+        conf = write_config(folder, layout)
+        binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+        if binary is None:
+            raise SystemExit("--via-nginx: nginx is not installed (deploy/ensure-nginx)")
+        argv = [binary, "-p", str(folder), "-c", str(conf), "-e", layout.error_log]
+        self.proc = subprocess.Popen(
+            [*pinned(0), *argv, "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def wait_ready(self) -> None:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError("nginx did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
 async def watch_loop_lag(lags: array[float], interval: float = 0.005) -> None:
     """How late this client's event loop runs a timer: when it lags, so do its reads (and the
     latency it reports) — the client's own share of every latency figure."""
@@ -662,6 +708,7 @@ async def run_scenario(
     logs: Path,
     server_cmd: str | None,
     profile: Path | None = None,
+    via_nginx: bool = False,
 ) -> Result:
     result = Result(scenario.name, target, scenario.streams, scenario.channels, scenario.rate)
     result.load_before = loadavg()
@@ -674,25 +721,35 @@ async def run_scenario(
     sent = memoryview(mapped).cast("d")
     server = Server(target, redis_url, scenario, logs, server_cmd)
     spy: asyncio.subprocess.Process | None = None
+    proxy: Nginx | None = None
     opened: list[tuple[Stream, asyncio.Transport]] = []
     try:
         await server.wait_ready()
-        warm = await open_streams(server.port, Run(WARM_STREAMS, sent), WARM_STREAMS, WARM_STREAMS)
+        port = server.port
+        if via_nginx:
+            proxy = Nginx(logs / f"nginx-{target}-{scenario.name}", server.port)
+            await proxy.wait_ready()
+            port = proxy.port
+        warm = await open_streams(port, Run(WARM_STREAMS, sent), WARM_STREAMS, WARM_STREAMS)
         for _, transport in warm:
             transport.close()
         await server.wait_streams_closed()
         await asyncio.sleep(1.0)
         result.rss_before_kib = tree_rss_kib(server.pid)
+        proxy_before = 0 if proxy is None else tree_rss_kib(proxy.pid)
         run = Run(scenario.channels, sent)
         started = time.monotonic()
         try:
-            opened = await open_streams(server.port, run, scenario.streams, scenario.channels)
+            opened = await open_streams(port, run, scenario.streams, scenario.channels)
         finally:
             result.connected = sum(1 for s, _ in opened if s.opened.done() and not s.closed)
         result.connect_s = time.monotonic() - started
         await asyncio.sleep(2.0)  # let the server settle (first writes, allocations)
         result.rss_open_kib = tree_rss_kib(server.pid)
         result.kib_per_stream = (result.rss_open_kib - result.rss_before_kib) / scenario.streams
+        if proxy is not None:
+            proxy_after = tree_rss_kib(proxy.pid)
+            result.proxy_kib_per_stream = (proxy_after - proxy_before) / scenario.streams
         spy = await start_profiler(profile, scenario, target, server.pid)
         lags = array("d")
         lag_watch = asyncio.create_task(watch_loop_lag(lags))
@@ -779,6 +836,8 @@ async def run_scenario(
             await asyncio.wait_for(spy.wait(), 60)
         for _, transport in opened:
             transport.close()
+        if proxy is not None:
+            proxy.stop()
         server.stop()
         sent.release()
         mapped.close()
@@ -847,9 +906,12 @@ def row(r: Result) -> str:
         deliveries, latency, lost, dup, events = "—", "—", "—", "—", "0"
         per = f"idle: {r.idle_cpu_s_per_min:.2f} CPU-s/min"
     flags = f" ({', '.join(r.flags)})" if r.flags else ""
+    rss = f"{r.kib_per_stream:.1f}"
+    if r.proxy_kib_per_stream is not None:
+        rss += f" (+nginx {r.proxy_kib_per_stream:.1f})"
     return (
         f"| {r.scenario} | {r.target} | {r.connected:,} / {r.channels:,} | {events} | {deliveries} "
-        f"| {lost} | {dup} | {latency} | {r.server_cpu_share:.0%} | {per} | {r.kib_per_stream:.1f} "
+        f"| {lost} | {dup} | {latency} | {r.server_cpu_share:.0%} | {per} | {rss} "
         f"| {r.client_cpu_share:.0%} (+{r.others_on_client_cpu:.0%}){flags} "
         f"| {r.client_lag_p99_ms:.1f} / {r.client_lag_max_ms:.0f} "
         f"| {r.others_on_server_cpu:.0%} "
@@ -957,6 +1019,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                     logs,
                     args.server_cmd,
                     args.profile,
+                    args.via_nginx,
                 )
                 if target == "relay" and args.label:
                     result.target = args.label
@@ -1009,6 +1072,11 @@ def main() -> None:
         default=0,
         help="niceness of every benchmark process (negative needs root): a shared machine's other "
         "jobs then take less of the server's and the client's cores",
+    )
+    parser.add_argument(
+        "--via-nginx",
+        action="store_true",
+        help="clients connect through the deployed nginx config (its RSS per stream is reported)",
     )
     parser.add_argument("--results", type=Path, help="write summary.md and results.json here")
     parser.add_argument(
