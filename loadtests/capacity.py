@@ -961,7 +961,7 @@ def write_results(folder: Path, results: Sequence[Result], command: str) -> None
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join(
         [
-            f"# Relay capacity ({', '.join(r.scenario for r in results)})",
+            f"# Relay capacity ({', '.join(dict.fromkeys(r.scenario for r in results))})",
             "",
             f"Command: `{command}`",
             "",
