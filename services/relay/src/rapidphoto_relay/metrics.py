@@ -56,6 +56,8 @@ class RelayMetrics:
             " the stream ends when its client reads again, or is aborted)",
             registry=r,
         )
+        #: Bound once: every stream keeps it (a fresh bound method each would cost 64 bytes).
+        self.count_slow_consumer = self.slow_consumer_closes.inc
         self.auth_failures = Counter(
             "rapidphoto_relay_auth_failures",
             "Requests refused with 401, by reason",

@@ -82,6 +82,20 @@ async def _watch_disconnect(receive: Receive, sub: Subscriber) -> None:
 class EventStream:
     """The ASGI app of one open stream (see the module docstring for its life)."""
 
+    # One per open stream: slots instead of a per-instance dict.
+    __slots__ = (
+        "_hold_limit",
+        "direct",
+        "held",
+        "in_sync",
+        "key",
+        "kind",
+        "pending",
+        "resumed_from",
+        "services",
+        "sub",
+    )
+
     def __init__(
         self,
         services: RelayServices,
@@ -443,7 +457,7 @@ async def _admit(
         principal.user_id,
         services.settings.sse_buffer_events,
         principal.expires_at,
-        on_overflow=services.metrics.slow_consumer_closes.inc,
+        on_overflow=services.metrics.count_slow_consumer,
     )
     try:
         await services.hub.subscribe(channel, sub, SUBSCRIBE_TIMEOUT_SECONDS)
