@@ -504,6 +504,7 @@ class Result:
     rate: float
     connected: int = 0
     connect_s: float = 0.0
+    connect_cpu_ms_per_stream: float = 0.0
     published: int = 0
     publish_s: float = 0.0
     publisher_late_ticks: int = 0
@@ -739,11 +740,14 @@ async def run_scenario(
         proxy_before = 0 if proxy is None else tree_rss_kib(proxy.pid)
         run = Run(scenario.channels, sent)
         started = time.monotonic()
+        connect_cpu0 = tree_cpu(process_tree(server.pid))
         try:
             opened = await open_streams(port, run, scenario.streams, scenario.channels)
         finally:
             result.connected = sum(1 for s, _ in opened if s.opened.done() and not s.closed)
         result.connect_s = time.monotonic() - started
+        connect_cpu = tree_cpu(process_tree(server.pid)) - connect_cpu0
+        result.connect_cpu_ms_per_stream = connect_cpu / max(1, result.connected) * 1000
         await asyncio.sleep(2.0)  # let the server settle (first writes, allocations)
         result.rss_open_kib = tree_rss_kib(server.pid)
         result.kib_per_stream = (result.rss_open_kib - result.rss_before_kib) / scenario.streams
@@ -904,7 +908,10 @@ def row(r: Result) -> str:
         events = f"{r.published / r.publish_s:,.0f}" if r.publish_s else "0"
     else:
         deliveries, latency, lost, dup, events = "—", "—", "—", "—", "0"
-        per = f"idle: {r.idle_cpu_s_per_min:.2f} CPU-s/min"
+        per = (
+            f"idle: {r.idle_cpu_s_per_min:.2f} CPU-s/min; opening: "
+            f"{r.connect_cpu_ms_per_stream:.2f} ms per stream"
+        )
     flags = f" ({', '.join(r.flags)})" if r.flags else ""
     rss = f"{r.kib_per_stream:.1f}"
     if r.proxy_kib_per_stream is not None:
