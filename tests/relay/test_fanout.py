@@ -129,6 +129,34 @@ async def test_invalid_raw_publishes_are_dropped_and_counted_and_the_stream_goes
     assert relay.proc.running()
 
 
+async def test_payloads_that_fail_to_decode_are_dropped_without_touching_the_subscription(
+    relay_factory: RelayFactory, seed: Seeder, ids: Ids
+) -> None:
+    """Issue 9, fault 1: a JSON object whose string held bytes that are not UTF-8 made msgspec raise
+    ``UnicodeDecodeError`` (a ``ValueError``, not a ``DecodeError``). It escaped the payload check,
+    and the hub took it for a connection error: it dropped its pub/sub connection, so a valid event
+    published right after it reached no stream of the relay. Nesting deeper than msgspec allows
+    raised ``RecursionError``, which killed the hub's reader task outright. SPEC §4: such payloads
+    are dropped, logged and counted; the subscription and every stream go on."""
+    relay = relay_factory()
+    user = ids("u")
+    channel = keys.notification_channel(user)
+    async with open_sse(relay.base_url, NOTIFICATIONS, token=relay.token(user)) as stream:
+        await stream.next_frame()  # retry: the stream is subscribed
+        reconnects = relay.metric("rapidphoto_relay_redis_reconnects_total")
+        assert await seed.publish_raw(channel, b'{"type":"X","x":"\xff\xfe"}') == 1
+        assert await seed.publish_raw(channel, b"[" * 2000 + b"]" * 2000) == 1
+        await seed.publish_raw(channel, '{"type":"notification","after":"junk"}')
+        valid = await stream.next_event(10)
+        assert valid.json() == {"type": "notification", "after": "junk"}
+    assert relay.metric("rapidphoto_relay_redis_reconnects_total") == reconnects
+    assert relay.metric("rapidphoto_relay_events_dropped_total", 'reason="not-utf8"') == 1
+    assert relay.metric("rapidphoto_relay_events_dropped_total", 'reason="too-deep"') == 1
+    log = relay.proc.log()
+    assert "connection lost" not in log
+    assert "failed unexpectedly" not in log
+
+
 async def test_two_relays_fan_out_the_same_event(
     relay: Relay, relay_factory: RelayFactory, seed: Seeder, ids: Ids
 ) -> None:

@@ -200,6 +200,34 @@ async def test_invalid_payloads_are_dropped_and_counted_and_reading_goes_on() ->
     await hub.__aexit__()
 
 
+class _BrokenSubscriber(Subscriber):
+    """Stands for any bug in handling one message (framing, dispatch, a stream's push)."""
+
+    def push(self, message: object) -> None:
+        raise RuntimeError("a bug in one message's handling")
+
+
+async def test_an_error_handling_one_message_drops_that_message_not_the_connection() -> None:
+    """Issue 9, fault 1: an exception raised while handling one message (there a ValueError from a
+    payload that failed to decode) reached the reader loop, which dropped the connection that every
+    stream of the relay shares. Each message is handled in isolation: counted as ``internal``."""
+    server = FakeServer()
+    hub = await _hub(server)
+    broken = _BrokenSubscriber("upload-session:broken", "u", 100, expires_at=1e12)
+    broken.resync = False
+    sub = _sub()
+    await hub.subscribe(broken.channel, broken)
+    await hub.subscribe(sub.channel, sub)
+    server.publish(broken.channel, b'{"type":"ok"}')
+    server.publish(sub.channel, b'{"type":"after"}')
+    await _settle()
+    assert [m.frame for m in sub.drain()] == [b'event: after\ndata: {"type":"after"}\n\n']
+    assert len(server.connections) == 1  # never reconnected
+    assert hub.connected
+    assert hub._metrics.events_dropped.labels("internal")._value.get() == 1
+    await hub.__aexit__()
+
+
 async def test_full_buffer_closes_only_that_subscriber() -> None:
     server = FakeServer()
     hub = await _hub(server)

@@ -15,6 +15,10 @@ from rapidphoto_relay.payload import MAX_PAYLOAD_BYTES, InvalidPayload, parse_pa
         (b"not json", "not-json"),
         (b"\xff\xfe{}", "not-json"),
         (b'{"type":"A"} trailing', "not-json"),
+        # issue 9, fault 1: invalid UTF-8 inside a string is a UnicodeDecodeError in msgspec
+        (b'{"type":"X","x":"\xff\xfe"}', "not-utf8"),
+        (b'{"type":"\xed\xa0\x80"}', "not-utf8"),  # an encoded surrogate is not UTF-8
+        (b"[" * 2000 + b"]" * 2000, "too-deep"),  # msgspec raises RecursionError
         (b"[1,2]", "not-object"),
         (b'"string"', "not-object"),
         (b"{}", "bad-type"),

@@ -40,7 +40,10 @@ RESUBSCRIBE_CHUNK: Final = 500
 #: At most one "dropped payload" log line per this many seconds (a flood must not flood the logs).
 DROP_LOG_INTERVAL: Final = 1.0
 
-_CONNECTION_ERRORS: Final = (RedisError, OSError, ValueError)
+#: What a broken or unreachable pub/sub connection raises. Not ``ValueError``: a payload that failed
+#: to decode raised one, and was taken for a connection failure that dropped every stream's
+#: subscription (issue 9, fault 1). Errors in one message are handled per message (``_read_loop``).
+_CONNECTION_ERRORS: Final = (RedisError, OSError)
 
 
 class HubUnavailable(Exception):
@@ -191,7 +194,7 @@ class Hub:
         while not self._closing:
             try:
                 conn = await self._transport.connect()
-            except _CONNECTION_ERRORS as exc:
+            except Exception as exc:  # anything: retried with backoff, the reader must not die
                 attempt += 1
                 delay = self._backoff(attempt)
                 log.warning(
@@ -212,6 +215,11 @@ class Hub:
                 await self._read_loop(conn)
             except _CONNECTION_ERRORS as exc:
                 log.warning("redis pub/sub connection lost", extra={"error": str(exc)})
+            except Exception:
+                # Not a message's fault (those are handled one by one): something unexpected in
+                # the connection itself. Reconnect rather than let the reader task die, which
+                # would leave every stream of this relay silently without live events.
+                log.exception("redis pub/sub connection failed unexpectedly")
             await self._drop_connection()
             attempt = 1
             await asyncio.sleep(self._backoff(attempt))
@@ -235,7 +243,12 @@ class Hub:
             while True:
                 reply = await conn.read()
                 self._last_read = loop.time()
-                self._handle(reply)
+                # Each message in isolation: whatever goes wrong with one (anyone may PUBLISH,
+                # SPEC §4) drops that one, never the connection every stream shares.
+                try:
+                    self._handle(reply)
+                except Exception:
+                    self._failed(reply)
         finally:
             keepalive.cancel()
 
@@ -268,7 +281,7 @@ class Hub:
         if kind == b"message":
             self._dispatch(reply[1], reply[2])
         elif kind in (b"subscribe", b"unsubscribe"):
-            channel = reply[1].decode()
+            channel = _channel_name(reply[1])
             left = self._unacked.get(channel, 0) - 1
             if left > 0:
                 self._unacked[channel] = left
@@ -288,7 +301,7 @@ class Hub:
                 subscriber.request_resync()
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
-        state = self._channels.get(channel.decode())
+        state = self._channels.get(_channel_name(channel))
         if state is None or not state.subscribers:
             return  # in flight while we unsubscribed
         try:
@@ -301,7 +314,15 @@ class Hub:
             subscriber.push(message)
         self._metrics.events_delivered.inc(len(subscribers))
 
-    def _dropped(self, channel: bytes, data: bytes, reason: str) -> None:
+    def _failed(self, reply: list[Any]) -> None:
+        """A reply whose handling raised: a bug, or an input no rule foresaw. Dropped and counted
+        as ``internal``, logged with its traceback (rate limited like any drop)."""
+        is_message = len(reply) == 3 and reply[0] == b"message"
+        channel = reply[1] if is_message and isinstance(reply[1], bytes) else b"?"
+        data = reply[2] if is_message and isinstance(reply[2], bytes) else b""
+        self._dropped(channel, data, "internal", exc_info=True)
+
+    def _dropped(self, channel: bytes, data: bytes, reason: str, *, exc_info: bool = False) -> None:
         self._metrics.events_dropped.labels(reason).inc()
         self._dropped_since_log += 1
         now = time.monotonic()
@@ -314,6 +335,7 @@ class Hub:
                     "bytes": len(data),
                     "dropped_since_last_line": self._dropped_since_log,
                 },
+                exc_info=exc_info,
             )
             self._dropped_since_log = 0
             self._last_drop_log = now
@@ -334,3 +356,9 @@ class Hub:
             state.needs_resync = True
             if state.confirmed.done():
                 state.confirmed = loop.create_future()
+
+
+def _channel_name(raw: bytes) -> str:
+    """A channel name as the hub keys it. Ours are ASCII; anything else cannot raise here and
+    matches no channel of ours."""
+    return raw.decode("utf-8", "surrogateescape")

@@ -54,6 +54,14 @@ def parse_payload(data: bytes) -> Message:
         raise InvalidPayload("too-large")
     try:
         obj = _decoder.decode(data)  # strict: invalid UTF-8, NaN, trailing junk are all errors
+    except UnicodeDecodeError:
+        # msgspec checks UTF-8 only inside strings, and reports it as a UnicodeDecodeError, not a
+        # DecodeError: ``{"type":"X","x":"\xff"}`` once escaped this function and cut the hub's
+        # connection (issue 9, fault 1).
+        raise InvalidPayload("not-utf8") from None
+    except RecursionError:
+        # Nesting deeper than msgspec's limit (``[[[…]]]``, a thousand levels fit in 2 KiB).
+        raise InvalidPayload("too-deep") from None
     except msgspec.DecodeError:
         raise InvalidPayload("not-json") from None
     if not isinstance(obj, dict):
