@@ -164,3 +164,35 @@ async def test_dropped_subscription_connection_is_resumed_from_the_log(
             frames = await stream.take(len(sent), 10)
             assert [f.id for f in frames] == sent
             await stream.expect_silence(0.5)
+
+
+async def test_streams_open_while_redis_is_out_of_memory(
+    own_redis: RedisServer, relay_factory: RelayFactory, ids: Ids
+) -> None:
+    """Bug found by the Redis fault matrix (issue 9): with Redis out of memory (``maxmemory``
+    reached, ``noeviction``) every new session stream got 503. The relay read the session's state
+    and newest log entry in a MULTI/EXEC, and Redis refuses every command queued in a MULTI while
+    out of memory, reads included. Reads still work then, so streams must open and resume."""
+    relay = relay_factory(redis_url=own_redis.url)
+    session = ids("s")
+    token = relay.token("u1")
+    async with seeder(own_redis.url) as seed, aioredis.Redis.from_url(own_redis.url) as admin:
+        await seed.start(session, "u1", 5)
+        logged = await seed.log_ids(session) + await seed.upload_many(session, 2)
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", 1)  # every write is refused from now on
+        try:
+            async with open_sse(relay.base_url, path(session), token=token) as new:
+                assert new.status_code == 200, new.body
+                snapshot = await new.next_event()
+            async with open_sse(
+                relay.base_url, path(session), token=token, last_event_id=logged[0]
+            ) as resumed:
+                assert resumed.status_code == 200, resumed.body
+                replayed = await resumed.take(2)
+            async with open_sse(relay.base_url, NOTIFICATIONS, token=token) as notes:
+                assert notes.status_code == 200, notes.body
+        finally:
+            await admin.config_set("maxmemory", 0)
+    assert (snapshot.event, snapshot.id) == ("SESSION_SNAPSHOT", logged[-1])
+    assert [f.id for f in replayed] == logged[1:]

@@ -158,7 +158,11 @@ class LogReader:
         self._sync_session = redis.register_script(_SYNC_SESSION_LUA)
 
     async def probe_session(self, session_id: str) -> SessionProbe:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # One round trip, but not a MULTI: Redis refuses every command queued in a MULTI while it
+        # is out of memory (maxmemory reached, noeviction), reads included, and a stream must
+        # open then (SPEC §5: 503 only while Redis is unusable). Atomicity is not needed: the
+        # status is read first, so a log entry it saw is in ``newest`` too (a 204 stays right).
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hmget(keys.session_state_key(session_id), [keys.STATE_OWNER, keys.STATE_STATUS])
             pipe.xrevrange(keys.session_log_key(session_id), "+", "-", count=1)
             (owner, status), newest = await pipe.execute()
