@@ -10,21 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import redis
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+# One home for it: the stack script (the product's run command) cannot import the tests, the other
+# way round is fine. Re-exported here for the suite and the load tests.
+from scripts.stack import free_port as free_port
 
 
 def wait_for_redis(url: str, timeout: float = 10.0) -> None:
@@ -42,13 +38,18 @@ def wait_for_redis(url: str, timeout: float = 10.0) -> None:
 
 
 class RedisServer:
-    """A ``redis-server`` process on a fixed loopback port that tests may stop and restart."""
+    """A ``redis-server`` process on a fixed loopback port that tests may stop and restart.
 
-    def __init__(self, port: int | None = None) -> None:
+    ``launcher``: an argv prefix for the server, e.g. ``taskset -c 0`` to pin it to a CPU (the
+    capacity benchmark keeps Redis off the core of the server under test).
+    """
+
+    def __init__(self, port: int | None = None, launcher: Sequence[str] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (scripts/setup installs it)")
         self.binary = binary
+        self.launcher = list(launcher)
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="rapidphoto-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -60,6 +61,7 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
+                *self.launcher,
                 self.binary,
                 "--port",
                 str(self.port),
@@ -134,7 +136,14 @@ def shared_redis_url() -> Iterator[str]:
             port = container.get_exposed_port(6379)
             yield f"redis://{host}:{port}/0"
         return
-    server = RedisServer()
+    with private_redis() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def private_redis(launcher: Sequence[str] = ()) -> Iterator[str]:
+    """A private in-memory :class:`RedisServer` for the block: its URL (``launcher``: see there)."""
+    server = RedisServer(launcher=launcher)
     server.start()
     try:
         yield server.url
