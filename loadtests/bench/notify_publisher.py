@@ -1,0 +1,130 @@
+"""The publisher of a capacity run: a subprocess, so that a busy client cannot delay publishing.
+
+``PUBLISH``es contract ``notification`` payloads at a steady rate, round-robin over the channels,
+and stamps each event's send time (``CLOCK_MONOTONIC``, shared by every process) in a shared
+``mmap``, where the client reads it: latency is publish → the client's read of the frame.
+
+    python -m loadtests.bench.notify_publisher --redis-url U --channels N --rate R \\
+        --duration S --sent FILE        # prints one JSON line: what it published, when
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import mmap
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtests.bench import user_of
+from loadtests.bench.procfs import pinned
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = "loadtests.bench.notify_publisher"
+
+
+async def publish(
+    redis_url: str, channels: int, rate: float, duration: float, sent_file: Path
+) -> dict[str, Any]:
+    """Run the publisher on CPU 0 until it is done: its report (published, started, seconds,
+    late_ticks)."""
+    publisher = await asyncio.create_subprocess_exec(
+        *pinned(0),
+        sys.executable,
+        "-m",
+        MODULE,
+        "--redis-url",
+        redis_url,
+        "--channels",
+        str(channels),
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration),
+        "--sent",
+        str(sent_file),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    out, _ = await asyncio.wait_for(publisher.communicate(), duration + 60)
+    report: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return report
+
+
+def main(argv: Sequence[str]) -> None:
+    # Imported here: the client process imports this module for ``publish`` only.
+    import redis
+
+    from rapidphoto_contract.events import Notification
+    from rapidphoto_contract.keys import notification_channel
+
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--channels", type=int, required=True)
+    parser.add_argument("--rate", type=float, required=True)
+    parser.add_argument("--duration", type=float, required=True)
+    parser.add_argument("--sent", type=Path, required=True, help="mmap'ed file of send times")
+    args = parser.parse_args(argv)
+    channels = args.channels
+    names = [notification_channel(user_of(c)) for c in range(channels)]
+    with args.sent.open("r+b") as file:
+        mapped = mmap.mmap(file.fileno(), 0)
+    sent = memoryview(mapped).cast("d")
+    capacity = len(sent)
+    client = redis.Redis.from_url(args.redis_url)
+    tick = max(1.0 / args.rate, 0.001)
+    owed, published, late_ticks = 0.0, 0, 0
+    start = time.monotonic()
+    next_tick = start
+    while time.monotonic() - start < args.duration and published < capacity:
+        owed += args.rate * tick
+        count = min(int(owed), capacity - published)
+        owed -= count
+        if count:
+            stamp = dt.datetime.now(dt.UTC)
+            occurred = f"{stamp:%Y-%m-%dT%H:%M:%S}.{stamp.microsecond // 1000:03d}Z"
+            pipe = client.pipeline(transaction=False)
+            for g in range(published, published + count):
+                channel = g % channels
+                payload = Notification(
+                    event_id=f"1-{g // channels}",
+                    occurred_at=occurred,
+                    kind="CAPACITY",
+                    user_id=user_of(channel),
+                    session_id="capacity",
+                    total_photos=1,
+                    uploaded_photos=1,
+                    failed_photos=0,
+                ).to_json()
+                pipe.publish(names[channel], payload)
+            now = time.monotonic()
+            for g in range(published, published + count):
+                sent[g] = now
+            pipe.execute()
+            published += count
+        next_tick += tick
+        delay = next_tick - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            late_ticks += 1
+    elapsed = time.monotonic() - start
+    client.close()
+    sent.release()
+    mapped.close()
+    report = {
+        "published": published,
+        "started": start,
+        "seconds": elapsed,
+        "late_ticks": late_ticks,
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
