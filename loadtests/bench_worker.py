@@ -47,9 +47,10 @@ from rapidphoto_contract.jobs import (
 )
 
 # Run as a script (`python loadtests/<name>.py`): make the repository root importable for
-# tests.support, which holds the one way this project starts a private redis-server.
+# tests.support (the one way this project starts a private redis-server) and loadtests.bench.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.redis_server import RedisServer
+from loadtests.bench.procfs import proc_cpu
+from tests.support.redis_server import private_redis
 
 BIN = Path(sys.executable).parent
 #: arq's key layout (arq.constants), which the contract documents as the wire format of a job.
@@ -63,17 +64,8 @@ def redis_server(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    server = RedisServer()
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with private_redis() as private_url:
+        yield private_url
 
 
 def host_cpu() -> tuple[int, int]:
@@ -208,8 +200,8 @@ async def bench(args: argparse.Namespace, url: str, log_dir: Path) -> None:
         )
         await ready.wait()
 
-        cpu0 = [proc_cpu_seconds(p.pid) for p in procs]
-        self_cpu0 = proc_cpu_seconds(os.getpid())
+        cpu0 = [proc_cpu(p.pid) for p in procs]
+        self_cpu0 = proc_cpu(os.getpid())
         host0 = host_cpu()
         redis_cpu0 = redis_cpu_seconds(sync_client)
         t0 = time.perf_counter()
@@ -221,10 +213,10 @@ async def bench(args: argparse.Namespace, url: str, log_dir: Path) -> None:
         events = await asyncio.wait_for(counter, timeout=60)
         elapsed = time.perf_counter() - t0
         redis_cpu = redis_cpu_seconds(sync_client) - redis_cpu0
-        worker_cpu = [proc_cpu_seconds(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
+        worker_cpu = [proc_cpu(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
         # arq removes a job from the queue just after its script ran: let the last ones finish.
         left = await wait_queue_empty(client, within=10)
-        self_cpu = proc_cpu_seconds(os.getpid()) - self_cpu0
+        self_cpu = proc_cpu(os.getpid()) - self_cpu0
         host_busy, host_total = (b - a for a, b in zip(host0, host_cpu(), strict=True))
     finally:
         for p in procs:

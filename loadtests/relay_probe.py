@@ -1,7 +1,7 @@
 """What the churn scenario reads from the relays: ``/metrics`` gauges and each process's RSS.
 
 The relay's metrics registry is its own (no prometheus process collector), so memory comes from
-``/proc/<pid>/status`` (``VmRSS``) of the PIDs the runner passes; without PIDs it is not checked.
+``/proc`` (``bench.procfs.rss_kib``) for the PIDs the runner passes; without PIDs it is not checked.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import re
 import urllib.request
 from dataclasses import dataclass
 
+from loadtests.bench.procfs import rss_kib
 from loadtests.sse_client import loopback_origin
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)\s*$")
@@ -47,10 +48,6 @@ def read_gauges(relay_url: str, timeout: float = 5.0) -> RelayGauges:
 def rss_bytes(pid: int) -> int | None:
     """Resident set size of ``pid`` from ``/proc`` (None when the process is gone)."""
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+        return rss_kib(pid) * 1024
     except (OSError, ValueError, IndexError):
         return None
-    return None

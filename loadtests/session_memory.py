@@ -35,7 +35,7 @@ from rapidphoto_contract.jobs import UploadJobsClient
 # Run as a script (`python loadtests/<name>.py`): make the repository root importable for
 # tests.support, which holds the one way this project starts a private redis-server.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import private_redis, with_db
 
 BIN = Path(sys.executable).parent
 #: A typical failure reason: what the upload pipeline reports (SPEC §3 allows up to 1024 characters).
@@ -59,21 +59,6 @@ class Measurement:
     @property
     def session_bytes(self) -> int:
         return sum(v for k, v in self.keys.items() if k != "notifications")
-
-
-@contextmanager
-def private_redis() -> Iterator[str]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-def with_db(url: str, db: int) -> str:
-    base, _, last = url.rpartition("/")
-    return f"{base}/{db}" if last.isdigit() else f"{url.rstrip('/')}/{db}"
 
 
 async def wait_for(
