@@ -128,6 +128,8 @@ class Settings:
     relay_cors_origins: tuple[str, ...] = ()
     relay_max_connections: int = 10_000
     relay_max_connections_per_user: int = 32
+    relay_request_head_timeout_seconds: int = 5
+    relay_max_pending_connections: int = 5000
     sse_heartbeat_seconds: int = 15
     sse_retry_ms: int = 2000
     sse_buffer_events: int = 1000
@@ -177,6 +179,12 @@ class Settings:
             relay_max_connections=_int(e, "RELAY_MAX_CONNECTIONS", 10_000, 1, 1_000_000),
             relay_max_connections_per_user=_int(
                 e, "RELAY_MAX_CONNECTIONS_PER_USER", 32, 1, 1_000_000
+            ),
+            relay_request_head_timeout_seconds=_int(
+                e, "RELAY_REQUEST_HEAD_TIMEOUT_SECONDS", 5, 1, 300
+            ),
+            relay_max_pending_connections=_int(
+                e, "RELAY_MAX_PENDING_CONNECTIONS", 5000, 1, 1_000_000
             ),
             sse_heartbeat_seconds=_int(e, "SSE_HEARTBEAT_SECONDS", 15, 1, 3600),
             sse_retry_ms=_int(e, "SSE_RETRY_MS", 2000, 0, 3_600_000),

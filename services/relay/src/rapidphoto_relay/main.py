@@ -20,10 +20,17 @@ from typing import Final
 
 import attrs
 import uvicorn
+from litestar import Litestar
 from litestar.types import ASGIApp
 
 from rapidphoto_contract.settings import ConfigError, Settings
 from rapidphoto_relay.app import SERVICES_STATE_KEY, create_app
+from rapidphoto_relay.connections import (
+    FD_RESERVE,
+    PendingConnections,
+    protocol_class,
+    raise_open_files_limit,
+)
 from rapidphoto_relay.direct import ServerSendCapture
 from rapidphoto_relay.headers import HeaderSizeLimit
 from rapidphoto_relay.logs import logging_config
@@ -67,9 +74,13 @@ class RelayServer(uvicorn.Server):
 
 def asgi_app(settings: Settings) -> ASGIApp:
     """What uvicorn serves: the Litestar app behind the layers that must come first."""
+    return _outer_layers(create_app(settings))
+
+
+def _outer_layers(app: Litestar) -> ASGIApp:
     # Outermost, so the streams can find uvicorn's connection for direct writes (direct.py);
     # then the header size limit, before routing and authentication (headers.py).
-    return ServerSendCapture(HeaderSizeLimit(create_app(settings)))
+    return ServerSendCapture(HeaderSizeLimit(app))
 
 
 def _find_services(app: object) -> RelayServices | None:
@@ -100,18 +111,35 @@ def main(argv: list[str] | None = None) -> None:
         settings = attrs.evolve(settings, relay_host=args.host)
     if args.port is not None:
         settings = attrs.evolve(settings, relay_port=args.port)
+    app = create_app(settings)
+    # Connections that have not sent a whole request head yet: deadline and cap (connections.py).
+    pending = PendingConnections(
+        head_timeout=settings.relay_request_head_timeout_seconds,
+        limit=settings.relay_max_pending_connections,
+        metrics=app.state["metrics"],
+    )
     config = uvicorn.Config(
-        asgi_app(settings),
+        _outer_layers(app),
         host=settings.relay_host,
         port=settings.relay_port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(pending),  # uvicorn's httptools protocol, extended
         lifespan="on",
         log_config=logging_config(),
         access_log=True,
         timeout_graceful_shutdown=int(SHUTDOWN_SECONDS),
         # Many idle streams: keep per-connection defaults; no request limit, no reload.
+        # (No limit_concurrency: it would answer 503 to requests once that many connections are
+        # open, streams included; RELAY_MAX_CONNECTIONS and the pending cap do that job.)
         backlog=4096,
+        # uvicorn's default, stated: an idle keep-alive connection is closed 5 s after a response
+        # if no byte came. Its timer stops at the first byte; the head deadline (also counted from
+        # the end of the response) does not, so a half-sent next head is closed too.
+        timeout_keep_alive=5,
+    )
+    # After Config: it has set up logging.
+    raise_open_files_limit(
+        settings.relay_max_connections + settings.relay_max_pending_connections + FD_RESERVE
     )
     RelayServer(config).run()
 

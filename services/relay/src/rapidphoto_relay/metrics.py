@@ -81,6 +81,18 @@ class RelayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.pending_connections = Gauge(
+            "rapidphoto_relay_pending_connections",
+            "Connections waiting for a request head (new, or idle between requests)",
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "rapidphoto_relay_connections_closed",
+            "Connections closed while waiting for a request head: head-timeout (deadline passed),"
+            " pending-limit (the oldest, to make room for a new connection)",
+            ["reason"],
+            registry=r,
+        )
         self.delivery_lag = Histogram(
             "rapidphoto_relay_delivery_lag_seconds",
             "From a payload's occurredAt to its first write to a client on this process",
@@ -89,6 +101,8 @@ class RelayMetrics:
         )
         for kind in ("session", "notifications"):
             self.open_streams.labels(kind)
+        for reason in ("head-timeout", "pending-limit"):
+            self.connections_closed.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
