@@ -43,6 +43,13 @@ def free_port() -> int:
         return port
 
 
+def redis_server_argv(binary: str, port: int, folder: Path) -> list[str]:
+    """An in-memory ``redis-server`` on loopback ``port`` (no RDB, no AOF), working in ``folder``.
+    Also how the test suite starts its private Redis (``tests/support/redis_server.py``)."""
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    return [*argv, "no", "--dir", str(folder), "--loglevel", "warning"]
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -183,25 +190,8 @@ def main() -> int:
             if redis_bin is None:
                 raise SystemExit("redis-server is missing: run scripts/setup")
             port = free_port()
-            redis_proc = stack.spawn(
-                "redis",
-                [
-                    redis_bin,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(stack.temp_dir()),
-                    "--loglevel",
-                    "warning",
-                ],
-                env,
-            )
+            argv = redis_server_argv(redis_bin, port, stack.temp_dir())
+            redis_proc = stack.spawn("redis", argv, env)
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
             wait_tcp(port, 10, redis_proc)
             print(

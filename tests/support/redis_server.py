@@ -18,9 +18,10 @@ from pathlib import Path
 
 import redis
 
-# One home for it: the stack script (the product's run command) cannot import the tests, the other
-# way round is fine. Re-exported here for the suite and the load tests.
+# One home for these: the stack script (the product's run command) cannot import the tests, the
+# other way round is fine. free_port is re-exported here for the suite and the load tests.
 from scripts.stack import free_port as free_port
+from scripts.stack import redis_server_argv
 
 
 def wait_for_redis(url: str, timeout: float = 10.0) -> None:
@@ -60,24 +61,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [
-                *self.launcher,
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-            ],
+            [*self.launcher, *redis_server_argv(self.binary, self.port, self.dir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
