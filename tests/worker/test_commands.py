@@ -433,6 +433,9 @@ async def test_a_transient_redis_error_is_retried_and_redis_coming_back_works(
         redis_errors.BusyLoadingError("loading"),
         redis_errors.ReadOnlyError("replica"),
         redis_errors.TryAgainError("slot moving"),
+        # Redis out of memory refuses a script before its first write (issue 9's fault matrix
+        # found such jobs failed for good, lost)
+        redis_errors.OutOfMemoryError("command not allowed when used memory > 'maxmemory'"),
     ],
 )
 def test_transient_errors_become_a_retry(error: Exception) -> None:

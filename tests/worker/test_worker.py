@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from rapidphoto_contract.jobs import UploadJobsClient
 from rapidphoto_worker.context import CTX_KEY
 from rapidphoto_worker.worker import BatchClaimWorker
+from tests.support.redis_server import RedisServer
 from tests.support.worker import make_worker, run_worker_burst, running_worker, wait_for
 
 
@@ -100,3 +101,51 @@ async def test_shares_a_queue_with_stock_arq_workers_without_running_a_job_twice
     assert batch.jobs_complete > 0
     assert sorted(runs) == sorted([start, *ids])  # each job ran once, by one of the two
     assert await redis_client.hget("rapidphoto:session:s1:state", "uploaded") == "500"
+
+
+async def test_waits_while_redis_is_out_of_memory_and_then_runs_every_job_once(
+    own_redis: RedisServer,
+) -> None:
+    """Bug found by the Redis fault matrix (issue 9): with Redis out of memory (``maxmemory``
+    reached, ``noeviction``) the claim script's OutOfMemoryError ended arq's poll loop, and with it
+    ``rapidphoto-worker`` (main() restarts only after connection errors): a crash loop for as long
+    as the condition lasts. The worker must wait, then run every job once memory is back."""
+    async with UploadJobsClient.connect(own_redis.url) as jobs:
+        await jobs.start_upload_session("s1", "u1", 3)
+        for n in range(3):
+            await jobs.complete_photo_upload("s1", f"p{n}")
+    async with aioredis.Redis.from_url(own_redis.url, decode_responses=True) as admin:
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", 1)  # every write refused, the claim script's too
+
+        async def refused(times: int) -> bool:
+            stats = await admin.info("errorstats")
+            return int(stats.get("errorstat_OOM", {}).get("count", 0)) >= times
+
+        async with running_worker(own_redis.url) as worker:
+
+            def dead() -> bool:
+                return worker.main_task is not None and worker.main_task.done()
+
+            async def refused_or_dead() -> bool:
+                return dead() or await refused(3)
+
+            await wait_for(refused_or_dead, 10, "three refused claims")
+            assert not dead(), worker.main_task
+            await admin.config_set("maxmemory", 0)
+
+            async def finished() -> bool:
+                queued = await admin.zcard("arq:queue")
+                return queued == 0 and all(task.done() for task in worker.tasks.values())
+
+            await wait_for(finished, 10, "every job finished")
+            assert worker.jobs_complete == 4
+            assert not dead()
+        log: list[tuple[str, dict[str, str]]] = await admin.xrange("rapidphoto:session:s1:log")  # type: ignore[assignment]
+    assert [fields["type"] for _, fields in log] == [
+        "SESSION_STARTED",
+        "PHOTO_UPLOADED",
+        "PHOTO_UPLOADED",
+        "PHOTO_UPLOADED",
+        "SESSION_COMPLETED",
+    ]

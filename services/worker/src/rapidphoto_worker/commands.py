@@ -41,12 +41,15 @@ from rapidphoto_worker.errors import CommandError, SessionConflict, SessionNotFo
 # --- retries -------------------------------------------------------------------------------------
 
 #: Worth retrying: the server is unreachable, slow, still loading its data set after a restart
-#: (BusyLoadingError is a ConnectionError), a replica during a fail-over, or a cluster slot moving.
+#: (BusyLoadingError is a ConnectionError), a replica during a fail-over, a cluster slot moving, or
+#: out of memory (``maxmemory`` with ``noeviction`` refuses a script before its first write, so
+#: nothing changed; memory is freed by expiring sessions or an operator).
 TRANSIENT_ERRORS: Final = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.ReadOnlyError,
     redis_errors.TryAgainError,
+    redis_errors.OutOfMemoryError,
 )
 #: ConnectionError subclasses that a retry will not fix: wrong credentials or ACL rules.
 PERMANENT_ERRORS: Final = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)

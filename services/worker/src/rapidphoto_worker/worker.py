@@ -20,6 +20,8 @@ run it against the installed arq, so an arq release that changes them fails ther
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import deque
 from importlib import resources
 from typing import Final
@@ -28,16 +30,42 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
+from redis.exceptions import OutOfMemoryError
 
 CLAIM_SCRIPT: Final = (resources.files(__package__) / "lua" / "claim_jobs.lua").read_text(
     encoding="utf-8"
 )
+#: While Redis refuses writes (out of memory), the poll loop waits this long between attempts.
+OUT_OF_MEMORY_BACKOFF_SECONDS: Final = 0.5
+#: At most one "out of memory" log line per this many seconds.
+OUT_OF_MEMORY_LOG_INTERVAL: Final = 5.0
+
+log = logging.getLogger("rapidphoto.worker")
 
 
 class BatchClaimWorker(Worker):
     """An arq ``Worker`` whose ``start_jobs`` claims jobs in batches (see the module docstring)."""
 
     _claim: AsyncScript | None = None
+    _oom_logged_at: float = 0.0
+
+    async def _poll_iteration(self) -> None:
+        """arq's poll step, surviving a Redis that is out of memory.
+
+        With ``maxmemory`` reached and ``noeviction``, Redis refuses every write: the claim script,
+        arq's health record, a job's result. arq lets that error end its loop, and with it the
+        process. It passes once memory is freed, so wait and poll again instead. Nothing is lost:
+        unclaimed jobs stay queued, and a job whose result could not be written keeps its
+        in-progress mark and runs again, as a duplicate, once the mark expires.
+        """
+        try:
+            await super()._poll_iteration()
+        except OutOfMemoryError as exc:
+            now = time.monotonic()
+            if now - self._oom_logged_at >= OUT_OF_MEMORY_LOG_INTERVAL:
+                self._oom_logged_at = now
+                log.warning("Redis is out of memory, waiting: %s", exc)
+            await asyncio.sleep(OUT_OF_MEMORY_BACKOFF_SECONDS)
 
     async def _claim_jobs(self, job_ids: list[str]) -> list[tuple[str, int]]:
         if self._claim is None:
