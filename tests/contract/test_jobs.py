@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import time
@@ -33,7 +35,7 @@ from rapidphoto_contract.jobs import (
     serialize_job,
 )
 from tests.support.arq_queue import aqueued_jobs
-from tests.support.redis_server import free_port
+from tests.support.redis_server import RedisServer, free_port
 
 
 def test_job_names_and_queue() -> None:
@@ -447,3 +449,33 @@ async def test_client_survives_more_concurrent_enqueues_than_connections(redis_u
     async with UploadJobsClient.connect(redis_url, max_connections=4) as jobs:
         await asyncio.gather(*(jobs.complete_photo_upload("s1", f"p{i}") for i in range(300)))
         assert await jobs.pool.zcard("arq:queue") == 300
+
+
+async def test_an_enqueue_that_returns_is_queued_even_when_connections_are_killed(
+    own_redis: RedisServer,
+) -> None:
+    """Bug found by the Redis fault matrix (issue 9): an enqueue whose connection Redis closed
+    between arq's WATCH and EXEC (a Redis restart, ``CLIENT KILL TYPE normal``) returned as if the
+    job were queued, and the job was lost. redis-py turns a connection lost while watching into a
+    WatchError, which arq's ``enqueue_job`` takes for "a job with this id exists" and returns None.
+    An enqueue that returns has queued its job; one that could not raises."""
+    returned: list[str] = []
+    async with (
+        UploadJobsClient.connect(own_redis.url) as jobs,
+        aioredis.Redis.from_url(own_redis.url, decode_responses=True) as admin,
+    ):
+
+        async def enqueue(n: int) -> None:
+            with contextlib.suppress(redis.exceptions.RedisError):  # raised: the caller knows
+                job = await jobs.complete_photo_upload("s1", f"p{n}", job_id=f"job{n}")
+                returned.append(job.job_id)
+
+        async def kill_command_connections() -> None:
+            for _ in range(40):
+                await asyncio.sleep(0.005)
+                await admin.client_kill_filter(_type="normal", skipme=True)
+
+        await asyncio.gather(kill_command_connections(), *(enqueue(n) for n in range(1500)))
+        queued = set(await admin.zrange("arq:queue", 0, -1))
+    assert len(returned) > 1000  # most went through
+    assert sorted(set(returned) - queued) == []

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, Self
 
 import attrs
 from arq.connections import ArqRedis
+from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import Job
 from redis.asyncio import BlockingConnectionPool
+from redis.exceptions import WatchError
 
 from rapidphoto_contract.ids import validate_id, validate_session_id
 
@@ -34,6 +37,8 @@ JOB_NAMES: Final = (START_UPLOAD_SESSION, COMPLETE_PHOTO_UPLOAD, FAIL_PHOTO_UPLO
 QUEUE_NAME: Final = "arq:queue"
 
 MAX_TOTAL_PHOTOS: Final = 10_000
+#: Tries of one enqueue whose transaction was interrupted (see UploadJobsClient._enqueue).
+ENQUEUE_ATTEMPTS: Final = 3
 #: A failure reason is shown to people; keep it a readable line, not a payload.
 MAX_REASON_LENGTH: Final = 1024
 
@@ -205,10 +210,22 @@ class UploadJobsClient:
         await self.close()
 
     async def _enqueue(self, name: str, kwargs: dict[str, Any], job_id: str | None) -> Job:
-        job = await self._pool.enqueue_job(name, _job_id=job_id, **kwargs)
-        if job is None:  # arq: a job with this id already exists (or its result is kept)
-            return Job(job_id or "", self._pool, _deserializer=deserialize_job)
-        return job
+        # arq returns None both when a job with this id exists (or its result is kept) and when
+        # its WATCH/MULTI transaction was interrupted: redis-py turns a connection lost while
+        # watching (Redis restarted, CLIENT KILL) into a WatchError, which arq takes for "already
+        # queued". Only the first means the job is queued; after the second, enqueue again. The
+        # id is fixed here so that a second try cannot queue the job twice.
+        job_id = job_id or uuid.uuid4().hex
+        for _ in range(ENQUEUE_ATTEMPTS):
+            try:
+                job = await self._pool.enqueue_job(name, _job_id=job_id, **kwargs)
+            except WatchError:
+                job = None
+            if job is not None:
+                return job
+            if await self._pool.exists(job_key_prefix + job_id, result_key_prefix + job_id):
+                return Job(job_id, self._pool, _deserializer=deserialize_job)
+        raise WatchError(f"{name}: enqueue interrupted {ENQUEUE_ATTEMPTS} times; not queued")
 
     async def start_upload_session(
         self, session_id: str, user_id: str, total_photos: int, *, job_id: str | None = None
