@@ -461,8 +461,10 @@ def test_the_worker_survives_a_redis_restart(own_redis: RedisServer, log_dir: Pa
     worker = start_worker(own_redis.url, log_dir)
     try:
         wait_until(lambda: WORKER_READY_LINE in worker.log(), timeout=20, what="worker ready")
-        own_redis.restart()  # same port, empty: like a crashed Redis without persistence
+        # Down for longer than the client's quick retries (redis_options): the worker loses Redis.
+        own_redis.kill()
         wait_until(lambda: "lost Redis, restarting the worker" in worker.log(), 20, what="restart")
+        own_redis.start()  # same port, empty: like a crashed Redis without persistence
 
         async def enqueue() -> None:
             async with UploadJobsClient.connect(own_redis.url) as jobs:

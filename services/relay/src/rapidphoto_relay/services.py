@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import attrs
 import redis.asyncio as aioredis
 
+from rapidphoto_contract.redis_options import pool_options
 from rapidphoto_contract.settings import Settings
 from rapidphoto_relay.direct import Coalescer
 from rapidphoto_relay.hub import Hub
@@ -43,6 +44,9 @@ async def open_services(settings: Settings, metrics: RelayMetrics) -> AsyncItera
         socket_connect_timeout=2,
         socket_timeout=5,
         client_name="rapidphoto-relay",
+        # Only reads go through this pool, so a command may be sent again on a new connection:
+        # a stream opened just after a Redis restart gets 200, not 503 (redis_options).
+        **pool_options(),
     )
     redis = aioredis.Redis(connection_pool=pool)
     transport = RedisTransport(settings.redis_url)

@@ -8,9 +8,8 @@ from typing import Any, Final, Self
 
 import attrs
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry as RedisRetry
-from redis.backoff import ExponentialWithJitterBackoff
 
+from rapidphoto_contract.redis_options import pool_options
 from rapidphoto_contract.settings import Settings
 from rapidphoto_worker.scripts import Scripts, load_scripts
 
@@ -19,11 +18,11 @@ CTX_KEY: Final = "rapidphoto"
 
 # A Redis call must give up well before arq's job timeout (main.JOB_TIMEOUT_SECONDS, 10 s): a job that
 # times out in arq is failed, not retried, while a Redis timeout here is retried by the command
-# (commands.TRANSIENT_ERRORS). Worst case per call: (connect 1 s + read 2 s) x 2 attempts, about 6 s.
+# (commands.TRANSIENT_ERRORS). A connection Redis closed is replaced or the call sent again at once
+# (redis_options: the scripts are idempotent); a timeout is not retried by the client. Worst case
+# per call: connect 1 s + read 2 s + at most redis_options.MAX_RETRY_SECONDS of backoff, about 4 s.
 SOCKET_CONNECT_TIMEOUT_SECONDS: Final = 1.0
 SOCKET_TIMEOUT_SECONDS: Final = 2.0
-#: One quiet reconnect (a pooled connection the server closed); anything longer is the job's retry.
-CLIENT_RETRIES: Final = 1
 
 
 #: Sessions whose owner a process remembers (a few hundred bytes each).
@@ -79,7 +78,7 @@ class WorkerContext:
             decode_responses=True,
             socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
             socket_timeout=SOCKET_TIMEOUT_SECONDS,
-            retry=RedisRetry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), CLIENT_RETRIES),
+            **pool_options(),
         )
         try:
             scripts = await load_scripts(client)

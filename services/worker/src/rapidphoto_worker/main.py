@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -34,6 +35,7 @@ from rapidphoto_contract.jobs import (
     deserialize_job,
     serialize_job,
 )
+from rapidphoto_contract.redis_options import retry_policy
 from rapidphoto_contract.settings import ConfigError, Settings
 from rapidphoto_worker import commands
 from rapidphoto_worker.commands import CommandResult
@@ -236,10 +238,14 @@ def create_worker(**overrides: Any) -> BatchClaimWorker:
 def redis_settings(settings: Settings) -> RedisSettings:
     """arq's connection settings for ``REDIS_URL``."""
     try:
-        return RedisSettings.from_dsn(settings.redis_url)
+        parsed = RedisSettings.from_dsn(settings.redis_url)
     except (ValueError, RuntimeError) as exc:
         # Not the URL itself: it may hold a password.
         raise ConfigError("REDIS_URL", f"not a valid Redis URL ({exc})") from None
+    # arq builds its pool with no retry: the first poll after a Redis restart or CLIENT KILL hit a
+    # connection Redis had closed, and the whole worker stopped (jobs it held waited 20 s for
+    # their lock to expire). arq's commands may be sent again (redis_options).
+    return dataclasses.replace(parsed, retry=retry_policy())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
