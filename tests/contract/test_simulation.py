@@ -231,3 +231,40 @@ async def test_wait_reports_what_is_pending_on_timeout(
                 await wait_until_applied(jobs, watch, out, poll=0.02, progress_every=0.1)
     assert watch.pending() == {"s2": (2, 1), "s3": None}
     assert "waiting for the worker: 1/3 sessions applied" in out.getvalue()
+
+
+async def test_wait_ends_when_cancelled_at_any_point_of_its_polling(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """Issue 9, fault 3: this file's timeout test hung once until pytest's 120 s timeout. redis-py
+    writes each command under ``asyncio.wait_for``, which on Python 3.11 swallows a cancellation
+    that arrives in the loop iteration in which the write completes (CPython gh-86296): the wait's
+    ``asyncio.timeout`` never took effect and it polled forever, as ``rapidphoto simulate --wait
+    --timeout`` could. Here the cancellation lands at every event-loop step of the first polls in
+    turn, so the steps where it used to be swallowed are always hit."""
+    await _apply(redis_client, "s1", 0, 0)  # never matches: only a cancellation ends the wait
+    async with UploadJobsClient.connect(redis_url) as jobs:
+        for steps in range(16):
+            watch = ApplyWatch(expected={"s1": (1, 0), "s2": (1, 0)})
+            task = asyncio.create_task(wait_until_applied(jobs, watch, io.StringIO(), poll=0.001))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=10)  # asyncio.wait never cancels it
+            for _ in range(100):  # the bug: cancel again until it lands, so the test ends
+                if task.done():
+                    break
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
+            assert done, f"a cancellation {steps} loop steps in was lost"
+            assert task.cancelled()
+
+
+async def test_wait_enforces_its_own_deadline(redis_url: str) -> None:
+    """The wait's ``timeout`` is checked by its loop, so it holds even if a cancellation is lost
+    in a library (issue 9, fault 3): ``rapidphoto simulate --wait --timeout`` relies on it."""
+    watch = ApplyWatch(expected={"s1": (1, 0)})
+    async with UploadJobsClient.connect(redis_url) as jobs:
+        with pytest.raises(TimeoutError):
+            await wait_until_applied(jobs, watch, io.StringIO(), poll=0.01, timeout=0.2)
+    assert watch.pending() == {"s1": None}

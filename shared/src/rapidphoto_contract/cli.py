@@ -369,8 +369,10 @@ async def _simulate_with(
         return EXIT_OK
     watch = ApplyWatch(expected=plan.expected())
     try:
+        # Both: the wait's own deadline cannot be lost (issue 9, fault 3); the outer one also
+        # cuts a command that hangs (the pool lets cancellations through, redis_cancel).
         async with asyncio.timeout(args.timeout):
-            await wait_until_applied(jobs, watch, out)
+            await wait_until_applied(jobs, watch, out, timeout=args.timeout)
     except TimeoutError:
         pending = watch.pending()
         _error(

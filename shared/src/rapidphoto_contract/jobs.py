@@ -27,6 +27,7 @@ from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import WatchError
 
 from rapidphoto_contract.ids import validate_id, validate_session_id
+from rapidphoto_contract.redis_cancel import cancel_safe
 from rapidphoto_contract.redis_options import pool_options
 
 START_UPLOAD_SESSION: Final = "start_upload_session"
@@ -267,13 +268,16 @@ class _Connecting:
         pool = ArqRedis(
             # Blocking: a pipeline that enqueues with many concurrent tasks waits for a free
             # connection instead of failing with MaxConnectionsError past the pool size.
-            connection_pool=BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self._max_connections,
-                timeout=30,
-                # An enqueue right after a Redis restart must not fail on a connection Redis
-                # closed; arq's enqueue is safe to send again (redis_options).
-                **pool_options(),
+            # cancel_safe: an asyncio.timeout around an enqueue or a wait always takes effect.
+            connection_pool=cancel_safe(
+                BlockingConnectionPool.from_url(
+                    self._url,
+                    max_connections=self._max_connections,
+                    timeout=30,
+                    # An enqueue right after a Redis restart must not fail on a connection Redis
+                    # closed; arq's enqueue is safe to send again (redis_options).
+                    **pool_options(),
+                )
             ),
             job_serializer=serialize_job,
             job_deserializer=deserialize_job,

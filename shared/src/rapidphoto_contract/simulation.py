@@ -27,6 +27,7 @@ from rapidphoto_contract.jobs import (
     StartUploadSession,
     UploadJobsClient,
 )
+from rapidphoto_contract.redis_cancel import raise_if_cancelled
 
 #: Failure reasons drawn at random, so a demo shows more than one kind.
 FAILURE_REASONS: Final = (
@@ -250,25 +251,34 @@ async def wait_until_applied(
     *,
     poll: float = 0.2,
     progress_every: float = 1.0,
+    timeout: float | None = None,  # noqa: ASYNC109 (its own deadline, see the docstring)
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Poll each pending session's state hash until its counts are the plan's.
 
-    Runs until everything is applied: bound it with ``asyncio.timeout`` and read ``watch``.
+    Raises ``TimeoutError`` once ``timeout`` seconds have passed (then read ``watch``). The loop
+    checks that deadline itself rather than rely only on a cancellation from ``asyncio.timeout``
+    around it, which a library may swallow (issue 9, fault 3: redis-py on Python 3.11 did, and the
+    wait polled forever; see :mod:`rapidphoto_contract.redis_cancel`).
     """
+    deadline = None if timeout is None else clock() + timeout
     next_report = clock() + progress_every
     while True:
         for sid in watch.pending():
             raw = await jobs.pool.hmget(
                 keys.session_state_key(sid), [keys.STATE_UPLOADED, keys.STATE_FAILED]
             )
+            raise_if_cancelled()
             watch.seen[sid] = _counts(raw)
         pending = len(watch.pending())
         if not pending:
             return
-        if clock() >= next_report:
+        now = clock()
+        if deadline is not None and now >= deadline:
+            raise TimeoutError(f"{pending} session(s) not applied after {timeout:g}s")
+        if now >= next_report:
             done = len(watch.expected) - pending
             out.write(f"waiting for the worker: {done}/{len(watch.expected)} sessions applied\n")
             out.flush()
-            next_report = clock() + progress_every
-        await asyncio.sleep(poll)
+            next_report = now + progress_every
+        await asyncio.sleep(poll if deadline is None else max(0.0, min(poll, deadline - now)))

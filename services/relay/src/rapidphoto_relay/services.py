@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import attrs
 import redis.asyncio as aioredis
 
+from rapidphoto_contract.redis_cancel import cancel_safe
 from rapidphoto_contract.redis_options import pool_options
 from rapidphoto_contract.settings import Settings
 from rapidphoto_relay.direct import Coalescer
@@ -48,7 +49,7 @@ async def open_services(settings: Settings, metrics: RelayMetrics) -> AsyncItera
         # a stream opened just after a Redis restart gets 200, not 503 (redis_options).
         **pool_options(),
     )
-    redis = aioredis.Redis(connection_pool=pool)
+    redis = aioredis.Redis(connection_pool=cancel_safe(pool))
     transport = RedisTransport(settings.redis_url)
     try:
         async with (

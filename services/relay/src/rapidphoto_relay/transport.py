@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
+from rapidphoto_contract.redis_cancel import cancel_safe
+
 
 class PubSubConnection(Protocol):
     """One connection in subscriber mode (RESP2 replies as lists of bytes)."""
@@ -59,15 +61,18 @@ class _RedisConnection:
 
 class RedisTransport:
     def __init__(self, redis_url: str, connect_timeout: float = 2.0) -> None:
-        self._pool = ConnectionPool.from_url(
-            redis_url,
-            socket_connect_timeout=connect_timeout,
-            socket_keepalive=True,
-            health_check_interval=0,
-            # RESP2: messages and subscription replies are plain arrays that read_response
-            # returns. Under RESP3 they are push frames that redis-py routes to its own handlers.
-            protocol=2,
-            client_name="rapidphoto-relay:pubsub",  # CLIENT LIST shows who is who
+        # cancel_safe: the hub's reader, cancelled at shutdown while it resubscribes, must end.
+        self._pool = cancel_safe(
+            ConnectionPool.from_url(
+                redis_url,
+                socket_connect_timeout=connect_timeout,
+                socket_keepalive=True,
+                health_check_interval=0,
+                # RESP2: messages and subscription replies are plain arrays that read_response
+                # returns. Under RESP3 they are push frames that redis-py routes to its handlers.
+                protocol=2,
+                client_name="rapidphoto-relay:pubsub",  # CLIENT LIST shows who is who
+            )
         )
 
     async def connect(self) -> PubSubConnection:

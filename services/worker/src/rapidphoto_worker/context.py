@@ -9,6 +9,7 @@ from typing import Any, Final, Self
 import attrs
 import redis.asyncio as aioredis
 
+from rapidphoto_contract.redis_cancel import cancel_safe
 from rapidphoto_contract.redis_options import pool_options
 from rapidphoto_contract.settings import Settings
 from rapidphoto_worker.scripts import Scripts, load_scripts
@@ -80,6 +81,7 @@ class WorkerContext:
             socket_timeout=SOCKET_TIMEOUT_SECONDS,
             **pool_options(),
         )
+        cancel_safe(client.connection_pool)  # a cancelled job's Redis call ends with it
         try:
             scripts = await load_scripts(client)
         except BaseException:
