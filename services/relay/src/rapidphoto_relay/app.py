@@ -13,12 +13,13 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.spec import Components
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from rapidphoto_contract.settings import Settings
 from rapidphoto_contract.tokens import TokenVerifier
 from rapidphoto_relay import health, streams
-from rapidphoto_relay.auth import Authenticator
+from rapidphoto_relay.auth import Authenticator, security_schemes
 from rapidphoto_relay.errors import RelayHTTPError
 from rapidphoto_relay.metrics import RelayMetrics
 from rapidphoto_relay.services import RelayServices, open_services
@@ -131,6 +132,7 @@ def create_app(settings: Settings) -> Litestar:
             version="0.1.0",
             description="Authenticated Server-Sent Events of upload progress (SPEC §5).",
             path="/schema",
+            components=Components(security_schemes=security_schemes(settings.jwt_cookie_name)),
         ),
         logging_config=None,
     )

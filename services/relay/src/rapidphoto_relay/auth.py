@@ -15,6 +15,7 @@ from typing import Final, Literal, TypeAlias
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi.spec import Reference, SecurityRequirement, SecurityScheme
 
 from rapidphoto_contract.tokens import InvalidToken, Principal, TokenVerifier
 from rapidphoto_relay.errors import Unauthorized
@@ -26,6 +27,27 @@ QUERY_PARAMETER: Final = "access_token"
 PRINCIPAL_STATE_KEY: Final = "principal"
 
 TokenSource: TypeAlias = Literal["header", "cookie", "query"]
+
+#: The token sources in the OpenAPI document, as alternatives (any one of them authenticates).
+SECURITY: Final[list[SecurityRequirement]] = [
+    {"bearerToken": []},
+    {"tokenCookie": []},
+    {"tokenQuery": []},
+]
+
+
+def security_schemes(cookie_name: str) -> dict[str, SecurityScheme | Reference]:
+    """The schemes named by :data:`SECURITY` (the cookie's name is a setting)."""
+    return {
+        "bearerToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
+        "tokenCookie": SecurityScheme(type="apiKey", name=cookie_name, security_scheme_in="cookie"),
+        "tokenQuery": SecurityScheme(
+            type="apiKey",
+            name=QUERY_PARAMETER,
+            security_scheme_in="query",
+            description="for EventSource, which cannot send headers; redacted from the logs",
+        ),
+    }
 
 
 def find_token(connection: ASGIConnection, cookie_name: str) -> tuple[TokenSource, str] | None:  # type: ignore[type-arg]

@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+
+from litestar.openapi.datastructures import ResponseSpec
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """The body of every error answer, as the OpenAPI document describes it."""
+
+    error: str
+
+
+def error_response(description: str) -> ResponseSpec:
+    """An error status of the OpenAPI document: ``{"error": "..."}``, as every error is rendered."""
+    return ResponseSpec(ErrorBody, description=description, generate_examples=False)
 
 
 class RelayHTTPError(Exception):

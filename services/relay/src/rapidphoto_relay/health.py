@@ -8,10 +8,11 @@ new clients to a relay that is not ready; its open streams stay open on heartbea
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final
+from typing import Any, Final, Literal, TypedDict
 
 from litestar import Response, get
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from redis.exceptions import RedisError
 
@@ -21,13 +22,33 @@ from rapidphoto_relay.services import RelayServices
 PING_TIMEOUT_SECONDS: Final = 1.0
 
 
+class Readiness(TypedDict):
+    """The body of ``/health/ready``, whatever its status."""
+
+    status: Literal["ready", "unavailable"]
+    redis: bool
+    subscription: bool
+    openStreams: int
+
+
 @get("/health/live", summary="The process is up", tags=["health"], sync_to_thread=False)
 def live() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/health/ready", summary="Redis and the subscription are up", tags=["health"])
-async def ready(services: NamedDependency[RelayServices]) -> Response[dict[str, Any]]:
+@get(
+    "/health/ready",
+    summary="Redis and the subscription are up",
+    tags=["health"],
+    responses={
+        503: ResponseSpec(
+            Readiness,
+            description="Redis or the subscription is down, or the relay is shutting down",
+            generate_examples=False,
+        )
+    },
+)
+async def ready(services: NamedDependency[RelayServices]) -> Response[Readiness]:
     redis_ok = False
     try:
         async with asyncio.timeout(PING_TIMEOUT_SECONDS):
@@ -36,13 +57,14 @@ async def ready(services: NamedDependency[RelayServices]) -> Response[dict[str, 
         redis_ok = False
     subscription_ok = services.hub.ready
     ok = redis_ok and subscription_ok and not services.registry.shutting_down
+    body: Readiness = {
+        "status": "ready" if ok else "unavailable",
+        "redis": redis_ok,
+        "subscription": subscription_ok,
+        "openStreams": len(services.registry),
+    }
     return Response(
-        {
-            "status": "ready" if ok else "unavailable",
-            "redis": redis_ok,
-            "subscription": subscription_ok,
-            "openStreams": len(services.registry),
-        },
+        body,
         status_code=HTTP_200_OK if ok else HTTP_503_SERVICE_UNAVAILABLE,
     )
 

@@ -19,28 +19,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Annotated, Any, Final, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypedDict
 
 from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.enums import MediaType
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import Example
-from litestar.params import FromPath, QueryParameter
+from litestar.openapi.spec import Example, OpenAPIType, Schema
+from litestar.params import HeaderParameter, KwargDefinition, PathParameter, QueryParameter
 from litestar.types import ASGIApp, Receive, Scope, Send
 from redis.exceptions import RedisError
 
 from rapidphoto_contract import keys
 from rapidphoto_contract.events import StreamClosed
-from rapidphoto_contract.ids import RESERVED_SESSION_IDS, is_valid_id
+from rapidphoto_contract.ids import ID_PATTERN, RESERVED_SESSION_IDS, is_valid_id
 from rapidphoto_contract.stream_ids import StreamId, format_stream_id, parse_stream_id
 from rapidphoto_contract.tokens import Principal
 from rapidphoto_relay import sse
-from rapidphoto_relay.auth import authenticated, principal_of
+from rapidphoto_relay.auth import SECURITY, authenticated, principal_of
 from rapidphoto_relay.direct import WRITE_INTERVAL_SECONDS, DirectWriter, encode_chunk
-from rapidphoto_relay.errors import BadRequest, Forbidden, TooManyStreams, Unavailable
+from rapidphoto_relay.errors import (
+    BadRequest,
+    Forbidden,
+    TooManyStreams,
+    Unavailable,
+    error_response,
+)
 from rapidphoto_relay.hub import HubUnavailable
 from rapidphoto_relay.limits import LimitExceeded
+from rapidphoto_relay.payload import TYPE_PATTERN
 from rapidphoto_relay.services import RelayServices
 from rapidphoto_relay.subscriber import DISCONNECTED, Message, Subscriber
 
@@ -431,12 +438,9 @@ def _retry_after(services: RelayServices) -> int:
     return max(1, -(-services.settings.sse_retry_ms // 1000))
 
 
-def _last_event_id(request: Request[Any, Any, Any], query_value: str | None) -> str | None:
+def _last_event_id(header_value: str | None, query_value: str | None) -> str | None:
     """SPEC §5: the ``Last-Event-ID`` header, else the ``lastEventId`` query parameter."""
-    header = request.headers.get("last-event-id")
-    if header:
-        return header
-    return query_value or None
+    return header_value or query_value or None
 
 
 async def _admit(
@@ -472,16 +476,75 @@ async def _admit(
 
 
 _ERRORS: Final = {
-    400: ResponseSpec(None, description="sessionId is not an id", media_type=MediaType.JSON),
-    401: ResponseSpec(None, description="missing or invalid token", media_type=MediaType.JSON),
-    403: ResponseSpec(None, description="the session has another owner", media_type=MediaType.JSON),
-    429: ResponseSpec(
-        None, description="too many streams for this user", media_type=MediaType.JSON
-    ),
-    503: ResponseSpec(
-        None, description="relay full or Redis unavailable", media_type=MediaType.JSON
-    ),
+    400: error_response("sessionId is not an id"),
+    401: error_response("missing or invalid token"),
+    403: error_response("the session has another owner"),
+    429: error_response("too many streams for this user"),
+    503: error_response("relay full or Redis unavailable"),
 }
+
+
+class _EventFields(TypedDict):
+    #: The payload's ``type``.
+    event: Annotated[str, KwargDefinition(pattern=f"^{TYPE_PATTERN.pattern}$")]
+    #: The payload: a JSON object with a string ``type``.
+    data: Annotated[
+        str,
+        KwargDefinition(
+            schema_extra={
+                "content_media_type": MediaType.JSON.value,
+                "content_schema": Schema(
+                    type=OpenAPIType.OBJECT,
+                    required=["type"],
+                    properties={
+                        "type": Schema(type=OpenAPIType.STRING, pattern=f"^{TYPE_PATTERN.pattern}$")
+                    },
+                ),
+            }
+        ),
+    ]
+
+
+# (total=False rather than NotRequired: this module's annotations are strings, which TypedDict
+# cannot see through, so NotRequired[...] would still be listed as required.)
+class StreamEvent(_EventFields, total=False):
+    """One event of a stream (SPEC §4, §5), for the OpenAPI document: the ``event:``, ``data:``
+    and ``id:`` fields of a frame. (Comment lines and the ``retry:`` frame carry no event.)"""
+
+    #: The payload's log entry id, when it has one: the ``Last-Event-ID`` to resume after it.
+    id: Annotated[str, KwargDefinition(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")]
+
+
+_EVENTS: Final = ResponseSpec(
+    StreamEvent,
+    description="the stream: text/event-stream, one schema per event",
+    media_type="text/event-stream",
+    generate_examples=False,
+)
+
+#: ``{sessionId}``: an id of SPEC §3 (the handler checks it: 400 with the usual error body).
+SessionIdPath: TypeAlias = Annotated[
+    str,
+    PathParameter(
+        description="the session's id",
+        schema_extra={
+            "pattern": f"^{ID_PATTERN.pattern}$",
+            "min_length": 1,
+            "max_length": 128,
+        },
+    ),
+]
+
+#: ``Last-Event-ID``: the id of the last event received, sent by EventSource when it reconnects.
+LastEventIdHeader: TypeAlias = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Last-Event-ID",
+        required=False,
+        description="resume after this event id",
+        examples=[Example(value="1764213600000-0")],
+    ),
+]
 
 #: ``?lastEventId=``: the ``Last-Event-ID`` of clients that cannot send the header.
 LastEventIdQuery: TypeAlias = Annotated[
@@ -504,20 +567,26 @@ LastEventIdQuery: TypeAlias = Annotated[
         "SESSION_SNAPSHOT then live events; resumes after Last-Event-ID while the log covers it. "
         "204 when resuming at the end of a completed session."
     ),
-    responses={**_ERRORS, 204: ResponseSpec(None, description="session completed, stop retrying")},
+    responses={
+        **_ERRORS,
+        200: _EVENTS,
+        204: ResponseSpec(None, description="session completed, stop retrying"),
+    },
+    security=SECURITY,
     tags=["streams"],
 )
 async def session_stream(
     request: Request[Any, Any, Any],
-    sessionId: FromPath[str],  # the path parameter's public (camelCase) name
+    sessionId: SessionIdPath,  # the path parameter's public (camelCase) name
     services: NamedDependency[RelayServices],
     last_event_id: LastEventIdQuery = None,
+    last_event_id_header: LastEventIdHeader = None,
 ) -> Response[None]:
     principal = principal_of(request)
     session_id = sessionId
     if not is_valid_id(session_id) or session_id in RESERVED_SESSION_IDS:
         raise BadRequest("sessionId must match ^[A-Za-z0-9_-]{1,128}$")
-    raw_last = _last_event_id(request, last_event_id)
+    raw_last = _last_event_id(last_event_id_header, last_event_id)
     resume_from: StreamId | None = parse_stream_id(raw_last)  # malformed: None, a snapshot
     try:
         probe = await services.reader.probe_session(session_id)
@@ -551,16 +620,23 @@ async def session_stream(
         "Live notifications of the token's user; with Last-Event-ID, the ones after it first "
         "(all of the log when the id is older than it)."
     ),
-    responses={k: v for k, v in _ERRORS.items() if k not in (400, 403)},
+    responses={
+        **{k: v for k, v in _ERRORS.items() if k != 403},
+        # Litestar documents a 400 for any handler with parameters; ours has the usual body.
+        400: error_response("malformed request"),
+        200: _EVENTS,
+    },
+    security=SECURITY,
     tags=["streams"],
 )
 async def notification_stream(
     request: Request[Any, Any, Any],
     services: NamedDependency[RelayServices],
     last_event_id: LastEventIdQuery = None,
+    last_event_id_header: LastEventIdHeader = None,
 ) -> Response[None]:
     principal = principal_of(request)
-    raw_last = _last_event_id(request, last_event_id)
+    raw_last = _last_event_id(last_event_id_header, last_event_id)
     resume_from = parse_stream_id(raw_last)
     try:
         # Read before subscribing: a stream that starts live replays from here, so notifications
