@@ -165,8 +165,13 @@ def serialize_job(data: dict[str, Any]) -> bytes:
 
 
 def deserialize_job(raw: bytes) -> dict[str, Any]:
-    """arq ``job_deserializer``: the inverse of :func:`serialize_job`."""
-    data = json.loads(raw)
+    """arq ``job_deserializer``: the inverse of :func:`serialize_job`; ``ValueError`` if not a job."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        # json.loads recurses per nesting level: 2 KB of "[[[…" raised RecursionError, not the
+        # ValueError of any other bad input (found by the property tests, issue 9).
+        raise ValueError("a job must be a JSON object, not nested this deep") from None
     if not isinstance(data, dict):
         raise ValueError("a job must be a JSON object")
     # Only a result ("r") can be an exception. Reviving any nested dict (as an object_hook would)

@@ -5,6 +5,7 @@ object to every stream (STYLE §6). Rules that matter for correctness:
 
 - a field value never contains CR or LF, or the client would read the rest as another field, so
   ``id`` and ``event`` are stripped of them (and ``id`` of NUL, which makes browsers ignore it);
+- text is sent as UTF-8, so lone surrogates (which it cannot carry) are dropped;
 - multi-line data becomes one ``data:`` line per line; the client joins them back with ``\\n``;
 - a frame ends with a blank line; comment lines start with ``:`` and are ignored by clients, which
   makes them the heartbeat (they keep proxies and NATs from closing idle connections).
@@ -20,7 +21,9 @@ _FIELD_JUNK: Final = re.compile(rb"[\r\n\x00]")
 
 
 def _bytes(value: str | bytes) -> bytes:
-    return value.encode("utf-8") if isinstance(value, str) else value
+    # "ignore": a lone surrogate (a str from JSON "\ud800") cannot be UTF-8; it is dropped rather
+    # than raise UnicodeEncodeError from the middle of a stream (found by the property tests).
+    return value.encode("utf-8", "ignore") if isinstance(value, str) else value
 
 
 def _field(value: str | bytes) -> bytes:
