@@ -1,7 +1,7 @@
 """What each load-test viewer received, checked against the session's event log in Redis.
 
 A :class:`Lineage` is one viewer of one session across all its connections: the first one starts
-with a ``SESSION_SNAPSHOT`` (its ``id`` is the newest log entry it reflects, SPEC §5), every later
+with a ``SESSION_SNAPSHOT`` (its ``id`` is the newest log entry it reflects, PROTOCOL §5), every later
 one resumes with ``Last-Event-ID``. It is made of :class:`Span`\\ s: a new span starts at each
 snapshot, so a reconnection the relay answered with a snapshot (a resynchronisation, not expected
 while the log covers the id) is counted and the span after it checked from that snapshot on.

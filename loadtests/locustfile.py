@@ -1,4 +1,4 @@
-"""Locust scenarios for the relay (SPEC §1's load tests), against a running stack.
+"""Locust scenarios for the relay (PROTOCOL §1's load tests), against a running stack.
 
     JWT_SECRET=<the relays' secret> .venv/bin/locust -f loadtests/locustfile.py --headless \\
         --scenario seed -u 1000 -r 100 -t 150s \\

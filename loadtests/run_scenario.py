@@ -54,7 +54,7 @@ SCENARIOS = {
     # 150 s: ~3 s to create the sessions, 10 s to connect 1,000 viewers, >= 2 min of 100 events/s,
     # 8 s to settle.
     "seed": Defaults(users=1000, spawn_rate=100, run_time=150, heartbeat=15),
-    # SPEC §1's 30 s heartbeat; every stream is held past 90 s (the acceptance bar is 60 s).
+    # PROTOCOL §1's 30 s heartbeat; every stream is held past 90 s (the acceptance bar is 60 s).
     "heartbeat": Defaults(
         users=1000, spawn_rate=200, run_time=105, heartbeat=30, extra=("--hold-seconds", "90")
     ),

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.redis_server import private_redis, with_db
 
 BIN = Path(sys.executable).parent
-#: A typical failure reason: what the upload pipeline reports (SPEC §3 allows up to 1024 characters).
+#: A typical failure reason: what the upload pipeline reports (PROTOCOL §3 allows up to 1024 characters).
 REASON = "checksum mismatch after upload"
 
 

@@ -74,7 +74,7 @@ from rapidphoto_contract.tokens import mint_token  # noqa: E402
 
 SESSION_PATH = "/api/upload/sessions/{}/stream"
 RESULTS = ROOT / "loadtests" / "results" / "soak"
-#: Photos per session must stay well under SESSION_LOG_MAXLEN (1,000, SPEC §3): a trimmed log
+#: Photos per session must stay well under SESSION_LOG_MAXLEN (1,000, PROTOCOL §3): a trimmed log
 #: would answer a resume with a snapshot, which this run counts as a failure.
 MAX_PHOTOS_PER_SESSION = 900
 #: The relays' settings: limits well above the run's, the default heartbeat.
@@ -83,7 +83,7 @@ RELAY_ENV = {
     "RELAY_MAX_CONNECTIONS": "20000",
     "RELAY_MAX_CONNECTIONS_PER_USER": "64",
 }
-#: STREAM_CLOSED reasons after which a viewer resumes (SPEC §5); any other one ends it.
+#: STREAM_CLOSED reasons after which a viewer resumes (PROTOCOL §5); any other one ends it.
 RESUMABLE = frozenset({"shutdown", "slow-consumer"})
 #: End phase bounds (seconds): the worker applies the last jobs and the viewers catch up; the
 #: relays release every stream and channel once the viewers closed.
@@ -165,7 +165,7 @@ class Soak:
                 outcome = self.stream(viewer, until, abort)
                 other = 1 - viewer.relay
                 if outcome == "segment":
-                    viewer.relay = other  # any instance resumes any stream (SPEC §5)
+                    viewer.relay = other  # any instance resumes any stream (PROTOCOL §5)
                     gevent.sleep(rng.uniform(0.0, 1.0))
                 elif outcome == "shutdown":
                     # Its relay is restarting: the other one, or the restarted one when back.

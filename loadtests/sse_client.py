@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from gevent import socket
 
-#: Hosts a load test may target (SPEC: load tests run against a local stack only).
+#: Hosts a load test may target (load tests run against a local stack only).
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 #: A response head larger than this is not from our relay.
 MAX_HEAD_BYTES = 16 * 1024

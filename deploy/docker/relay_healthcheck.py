@@ -1,7 +1,7 @@
 """Docker HEALTHCHECK of the relay image: ``GET /health/live`` on this container's ``RELAY_PORT``.
 
 Liveness, not readiness: ``/health/ready`` is 503 while Redis is away, and a relay waiting for Redis
-is alive (its streams stay open on heartbeats and resume when Redis returns, SPEC §5); restarting
+is alive (its streams stay open on heartbeats and resume when Redis returns, PROTOCOL §5); restarting
 it would only drop them. The slim image has no curl, hence the standard library. Exit 0 healthy,
 1 not (Docker's convention).
 """

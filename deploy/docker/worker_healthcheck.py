@@ -2,7 +2,7 @@
 
 ``arq --check rapidphoto_worker.main.WorkerSettings`` would read the Redis address from
 ``WorkerSettings.redis_settings``, which the worker deliberately leaves unset (it builds it from
-``REDIS_URL`` at start-up, STYLE §4), so it would look at localhost. This runs the same function,
+``REDIS_URL`` at start-up, CONVENTIONS §4), so it would look at localhost. This runs the same function,
 :func:`arq.worker.async_check_health`, with the connection from ``REDIS_URL``.
 
 What it proves: a worker on ``arq:queue`` wrote arq's health record (``arq:queue:health-check``)

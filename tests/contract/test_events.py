@@ -1,4 +1,4 @@
-"""Event types and their exact wire JSON (SPEC §4).
+"""Event types and their exact wire JSON (PROTOCOL §4).
 
 The golden strings are written out literally: they are the contract the worker's Lua scripts, the
 relay and every browser client share, so a change here is a change of the public API.

@@ -1,4 +1,4 @@
-"""Id validation (SPEC §3): ``^[A-Za-z0-9_-]{1,128}$``, and ``notifications`` is not a session id."""
+"""Id validation (PROTOCOL §3): ``^[A-Za-z0-9_-]{1,128}$``, and ``notifications`` is not a session id."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Jobs (SPEC §3): argument rules, the JSON job codec, and the typed client against a real Redis."""
+"""Jobs (PROTOCOL §3): argument rules, the JSON job codec, and the typed client against a real Redis."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Channel and key names (SPEC §4 fixes the channels; STYLE §2: built in one module)."""
+"""Channel and key names (PROTOCOL §4 fixes the channels; CONVENTIONS §2: built in one module)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settings of SPEC §2: defaults, parsing of every variable, errors naming the variable."""
+"""Settings of PROTOCOL §2: defaults, parsing of every variable, errors naming the variable."""
 
 from __future__ import annotations
 

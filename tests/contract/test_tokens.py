@@ -1,4 +1,4 @@
-"""JWT mint/verify with pinned algorithms (SPEC §5): every way a token can fail, and why."""
+"""JWT mint/verify with pinned algorithms (PROTOCOL §5): every way a token can fail, and why."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def expect_failure(verifier: TokenVerifier, token: str, reason: TokenFailure) ->
         verifier.verify(token)
     assert info.value.reason == reason
     assert str(info.value) == FAILURE_TEXT[reason]
-    # SPEC §5: error bodies never echo the token; nor does anything chained to the error.
+    # PROTOCOL §5: error bodies never echo the token; nor does anything chained to the error.
     if token:
         assert token not in str(info.value)
         assert token not in repr(info.value)

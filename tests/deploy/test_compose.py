@@ -61,7 +61,7 @@ class _Recording(dict[str, str]):
 
 
 def settings_variables() -> set[str]:
-    """Every variable ``Settings.from_env`` reads: SPEC §2's names, as the code spells them."""
+    """Every variable ``Settings.from_env`` reads: PROTOCOL §2's names, as the code spells them."""
     env = _Recording()
     Settings.from_env(env)
     return env.asked
@@ -93,7 +93,7 @@ def relay_services(compose: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def test_settings_variables_are_spec_section_2() -> None:
     names = settings_variables()
     assert {"REDIS_URL", "JWT_SECRET", "RELAY_PORT", "SESSION_LOG_MAXLEN"} <= names
-    # SPEC §2's table: 19 names; and the request head deadline and pending cap (issue 9)
+    # PROTOCOL §2's table: 19 names; and the request head deadline and pending cap (issue 9)
     assert len(names) == 21
 
 
@@ -153,7 +153,7 @@ def test_workers_get_no_secrets(compose: dict[str, Any]) -> None:
 
 
 def test_compose_defaults_are_the_spec_defaults() -> None:
-    """With nothing in .env but the secret, the relays run on SPEC §2's defaults."""
+    """With nothing in .env but the secret, the relays run on PROTOCOL §2's defaults."""
     resolved = compose_resolved({"JWT_SECRET": SECRET})
     for name, service in relay_services(resolved).items():
         settings = Settings.from_env(environment_of(service))
@@ -284,7 +284,7 @@ def seconds(duration: str) -> float:
 
 def test_shutdown_has_time_for_a_clean_stop(compose: dict[str, Any]) -> None:
     for name in relay_services(compose):
-        # SPEC §5: all streams closed within 5 s of SIGTERM.
+        # PROTOCOL §5: all streams closed within 5 s of SIGTERM.
         assert seconds(compose["services"][name]["stop_grace_period"]) >= 10
     for name, service in services(compose, "rapidphoto-worker"):
         assert seconds(service["stop_grace_period"]) >= 10, name
@@ -333,7 +333,7 @@ def test_health_check_paths_are_relay_routes() -> None:
     assert url == "/health/live"
     assert url in paths
     # nginx sends everything under /api/upload/sessions/ to the unbuffered stream location: the
-    # relay's routes there must all be streams, and both SPEC §5 streams must be there.
+    # relay's routes there must all be streams, and both PROTOCOL §5 streams must be there.
     streams = sorted(p for p in paths if p.startswith("/api/upload/sessions/"))
     assert streams
     assert all(p.endswith("/stream") for p in streams)

@@ -1,4 +1,4 @@
-"""The live progress page (SPEC §8) in a real browser: Debian's chromium, headless, driven by
+"""The live progress page (PROTOCOL §8) in a real browser: Debian's chromium, headless, driven by
 Playwright, against real relays fed by a real worker.
 
 The page records every event it received and applied in ``window.rapidphotoDemo``; the tests hold

@@ -433,7 +433,7 @@ async def test_redis_restart_with_its_data_streams_survive_and_deliver_each_even
 async def test_redis_restart_without_persistence_closes_lost_sessions_and_delivers_new_events_once(
     own_redis: RedisServer, cluster_factory: ClusterFactory
 ) -> None:
-    """A Redis without persistence comes back empty: sessions it held are gone (SPEC §5: their
+    """A Redis without persistence comes back empty: sessions it held are gone (PROTOCOL §5: their
     streams get STREAM_CLOSED session-not-found), the notification streams stay open, and every
     event logged after the restart reaches every one of them once."""
     cluster = cluster_factory(own_redis.url).start(relays=2, SSE_HEARTBEAT_SECONDS="1")

@@ -160,7 +160,7 @@ async def test_events_arrive_unbuffered_through_nginx(
             assert frame.json()["photoId"] == f"p{n}"
             worker_delays.append(arrived - event_time_ms(frame))
 
-        # Payloads published straight to the channel (SPEC §4): measured around the PUBLISH.
+        # Payloads published straight to the channel (PROTOCOL §4): measured around the PUBLISH.
         publish_delays = []
         for n in range(5):
             payload = json.dumps({"type": "NGINX_PROBE", "n": n})

@@ -7,7 +7,7 @@ per session: it reconnects with ``Last-Event-ID`` whenever its stream ends, and 
 ``Retry-After`` it was given. While the flow runs, one fault hits Redis; from the fault's start a
 prober opens a new stream on each relay every 100 ms.
 
-What each test holds the product to (SPEC §3, §5, §6):
+What each test holds the product to (PROTOCOL §3, §5, §6):
 
 - new stream requests: 200, or the documented 503 with ``Retry-After`` (≥ 1 s) and a JSON error
   only for a request made while Redis really was unusable (down, paused or refusing connections);

@@ -240,7 +240,7 @@ async def _sessions_complete(
         assert final["uploadedPhotos"] + final["failedPhotos"] == final["totalPhotos"] == photos
     async with open_sse(
         f"http://127.0.0.1:{relays[1]}", NOTIFICATION_STREAM, token=token, last_event_id="0-0"
-    ) as notes:  # an id older than the log: all of it (SPEC §5)
+    ) as notes:  # an id older than the log: all of it (PROTOCOL §5)
         got = {(await notes.next_event(10)).json()["sessionId"] for _ in watched}
     assert got == set(watched)
 

@@ -108,7 +108,7 @@ def relay_factory(log_dir: Path, relay_redis: RedisServer) -> Iterator[RelayFact
 
 
 def assert_no_token_in(log: str) -> None:
-    """SPEC §5: the query token is redacted from every log line (JWTs start with ``ey``)."""
+    """PROTOCOL §5: the query token is redacted from every log line (JWTs start with ``ey``)."""
     assert "access_token=ey" not in log
     assert "Bearer ey" not in log
 

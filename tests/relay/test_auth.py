@@ -1,4 +1,4 @@
-"""SPEC §5 authentication over real HTTP: token sources and their order, every 401, leeway.
+"""PROTOCOL §5 authentication over real HTTP: token sources and their order, every 401, leeway.
 
 All against a real relay process (``relay`` is shared; settings-specific cases start their own).
 """

@@ -1,4 +1,4 @@
-"""Token source order (SPEC §5), in-process: the first source present decides."""
+"""Token source order (PROTOCOL §5), in-process: the first source present decides."""
 
 from __future__ import annotations
 

@@ -136,7 +136,7 @@ async def test_payloads_that_fail_to_decode_are_dropped_without_touching_the_sub
     ``UnicodeDecodeError`` (a ``ValueError``, not a ``DecodeError``). It escaped the payload check,
     and the hub took it for a connection error: it dropped its pub/sub connection, so a valid event
     published right after it reached no stream of the relay. Nesting deeper than msgspec allows
-    raised ``RecursionError``, which killed the hub's reader task outright. SPEC §4: such payloads
+    raised ``RecursionError``, which killed the hub's reader task outright. PROTOCOL §4: such payloads
     are dropped, logged and counted; the subscription and every stream go on."""
     relay = relay_factory()
     user = ids("u")

@@ -1,4 +1,4 @@
-"""SPEC §7, oversized headers: 431 with a JSON error over real HTTP, and everyone else served."""
+"""PROTOCOL §7, oversized headers: 431 with a JSON error over real HTTP, and everyone else served."""
 
 from __future__ import annotations
 

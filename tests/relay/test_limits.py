@@ -1,4 +1,4 @@
-"""SPEC §5 connection limits over real HTTP: per process 503, per user 429, both with Retry-After."""
+"""PROTOCOL §5 connection limits over real HTTP: per process 503, per user 429, both with Retry-After."""
 
 from __future__ import annotations
 

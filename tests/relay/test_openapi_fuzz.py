@@ -1,4 +1,4 @@
-"""schemathesis against a real relay's OpenAPI document (issue 9; SPEC §5 and §7).
+"""schemathesis against a real relay's OpenAPI document (issue 9; PROTOCOL §5 and §7).
 
 A real ``rapidphoto-relay`` process on a private Redis serves ``/schema/openapi.json``; schemathesis
 generates requests from it for every operation (examples, coverage and fuzzing phases; valid and
@@ -168,7 +168,7 @@ _answers: Counter[tuple[str, int]] = Counter()
 def no_token_echoed(
     ctx: schemathesis.CheckContext, response: schemathesis.Response, case: AnyCase
 ) -> bool | None:
-    """SPEC §5: error bodies (and anything else) never echo the token, in a header or the body.
+    """PROTOCOL §5: error bodies (and anything else) never echo the token, in a header or the body.
     (Not registered with ``@schemathesis.check``: that would add it to every schemathesis run of
     the process; the calls here pass it explicitly.)"""
     sent = _tokens_sent(response)
@@ -331,7 +331,7 @@ def test_schema_lists_every_route(relay_schema: OpenApiSchema) -> None:
 
 
 def test_document_describes_errors_auth_and_resumption(relay_schema: OpenApiSchema) -> None:
-    """The document says what the relay does (SPEC §5), so schemathesis can hold it to that:
+    """The document says what the relay does (PROTOCOL §5), so schemathesis can hold it to that:
     every error status has the ``{"error": ...}`` body; the stream operations name their three
     token sources and the ``Last-Event-ID`` header; ``/health/ready`` documents its 503.
 
@@ -370,7 +370,7 @@ def test_session_id_answers_agree_with_the_document(
 
     Bug (found by schemathesis, ST202 "schema-valid request rejected"): the document said only
     ``type: string``, so ids with ``:``, control or non-ASCII characters were valid by the
-    document and refused by the relay; the parameter now carries SPEC §3's pattern and length."""
+    document and refused by the relay; the parameter now carries PROTOCOL §3's pattern and length."""
     parameter = next(
         p
         for p in relay_schema.raw_schema["paths"][SESSION_STREAM]["get"]["parameters"]

@@ -1,4 +1,4 @@
-"""The SPEC §4 payload rule, as the hub applies it to every published message."""
+"""The PROTOCOL §4 payload rule, as the hub applies it to every published message."""
 
 from __future__ import annotations
 

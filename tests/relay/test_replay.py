@@ -1,4 +1,4 @@
-"""SPEC §5 Last-Event-ID rules over real HTTP, session and notification streams.
+"""PROTOCOL §5 Last-Event-ID rules over real HTTP, session and notification streams.
 
 Every id and payload is checked against the worker's own log, so "exactly the events after it, in
 order, with no gap and no duplicate" is checked literally.

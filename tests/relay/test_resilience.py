@@ -1,4 +1,4 @@
-"""Shutdown and Redis outages over real processes (SPEC §5): SIGTERM closes every stream with
+"""Shutdown and Redis outages over real processes (PROTOCOL §5): SIGTERM closes every stream with
 ``shutdown`` within 5 s; streams survive a Redis restart on heartbeats and catch up from the log
 without losing or repeating a logged event; a session lost with Redis's memory is closed."""
 

@@ -1,4 +1,4 @@
-"""SPEC §5 session streams over real HTTP: headers, retry frame, ids, ownership, pending sessions,
+"""PROTOCOL §5 session streams over real HTTP: headers, retry frame, ids, ownership, pending sessions,
 snapshots, heartbeats, token expiry and completion."""
 
 from __future__ import annotations

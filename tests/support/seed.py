@@ -3,7 +3,7 @@
 The relay must be tested against exactly what the worker writes (state hash, failures set, photos
 hash, logs and the published bytes), so :class:`Seeder` calls ``rapidphoto_worker.commands`` — the
 same Lua scripts the arq jobs run — instead of imitating them. Raw publishes (other backends
-integrating, SPEC §4) go through :meth:`Seeder.publish_raw`.
+integrating, PROTOCOL §4) go through :meth:`Seeder.publish_raw`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""rapidphoto_worker.commands against a real Redis: SPEC §3's rules, one by one.
+"""rapidphoto_worker.commands against a real Redis: PROTOCOL §3's rules, one by one.
 
 Every test checks the state after the command and, through :class:`Harness.expect`, that exactly the
 expected events were appended and published, once each, byte-identical to the contract's encoding.
@@ -355,7 +355,7 @@ async def test_after_the_window_a_photo_for_an_unknown_session_fails_clearly(
 
 
 def test_the_retry_window_covers_at_least_ten_seconds_of_backoff() -> None:
-    """SPEC §3: "retried with backoff for at least 10 s". The lower bound counts only the smallest
+    """PROTOCOL §3: "retried with backoff for at least 10 s". The lower bound counts only the smallest
     delays the jitter can pick, so the real time from the first try is always longer."""
     assert commands.SESSION_WAIT_SECONDS >= 10
     tries = max(n for n in range(1, 100) if commands.min_waited_seconds(n) < 10) + 1

@@ -2,7 +2,7 @@
 
 The scripts make each command atomic, so however the jobs interleave across processes: exact
 counts, one PHOTO_UPLOADED per photo with the counts going up by one each time, one completion,
-one notification, and the channel carries exactly the log, in log order (SPEC §6).
+one notification, and the channel carries exactly the log, in log order (PROTOCOL §6).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Jobs the dead worker held stay marked in progress until arq's mark expires (job_timeout + 10 s), then
 another worker runs them again; those whose script had already run are duplicates and change nothing
-(SPEC §6: "A job retried after a crash does not count twice").
+(PROTOCOL §6: "A job retried after a crash does not count twice").
 """
 
 from __future__ import annotations

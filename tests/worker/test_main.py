@@ -53,13 +53,13 @@ def test_worker_settings() -> None:
     settings = main.WorkerSettings
     assert [f.name for f in settings.functions] == list(JOB_NAMES)
     assert settings.queue_name == QUEUE_NAME == "arq:queue"
-    # SPEC §3: JSON both ways, never pickle.
+    # PROTOCOL §3: JSON both ways, never pickle.
     assert settings.job_serializer is serialize_job
     assert settings.job_deserializer is deserialize_job
     # A job held by a killed worker runs again after job_timeout + 10 s.
     assert settings.job_timeout <= 10
     assert settings.max_tries == commands.MAX_TRIES
-    assert settings.keep_result == 3600  # SPEC §3: results kept as arq keeps them
+    assert settings.keep_result == 3600  # PROTOCOL §3: results kept as arq keeps them
     assert settings.health_check_interval < 30  # the image's HEALTHCHECK interval
 
 
@@ -293,7 +293,7 @@ async def test_bad_arguments_fail_the_job_at_once_and_change_nothing(
 async def test_a_photo_job_whose_session_never_starts_is_retried_for_the_window_then_fails(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    """SPEC §3: retried with backoff for at least 10 s, then fails clearly. The one test that
+    """PROTOCOL §3: retried with backoff for at least 10 s, then fails clearly. The one test that
     waits for the whole window (about 12 s)."""
     async with UploadJobsClient.connect(redis_url) as jobs:
         job = await jobs.complete_photo_upload("never", "p1")

@@ -23,7 +23,7 @@ def test_each_script_is_contract_constants_then_lib_then_the_command(name: str) 
     assert f'local NOTIFICATION = "{events.NOTIFICATION}"' in source
     constants = source.index("local F_OWNER")
     lib = source.index("local function next_id")
-    command = source.index(f"-- {name} (SPEC")
+    command = source.index(f"-- {name} (PROTOCOL")
     assert constants < lib < command
 
 

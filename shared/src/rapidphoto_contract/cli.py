@@ -1,4 +1,4 @@
-"""``rapidphoto``: the people's CLI (SPEC §2): dev tokens, hand-made jobs, a simulated pipeline.
+"""``rapidphoto``: the people's CLI (PROTOCOL §2): dev tokens, hand-made jobs, a simulated pipeline.
 
     rapidphoto token <user_id> [--ttl 3600]
     rapidphoto start <session_id> <user_id> <total>

@@ -1,4 +1,4 @@
-"""Event types of SPEC §4 and their exact wire JSON.
+"""Event types of PROTOCOL §4 and their exact wire JSON.
 
 Wire format: one compact JSON object (``separators=(",", ":")``, UTF-8, not ASCII-escaped) whose
 keys appear in a fixed order: ``type``, then ``eventId`` and ``occurredAt`` when present, then the
@@ -23,7 +23,7 @@ NOTIFICATION: Final = "notification"
 SESSION_SNAPSHOT: Final = "SESSION_SNAPSHOT"
 STREAM_CLOSED: Final = "STREAM_CLOSED"
 
-#: Every event type a relay stream can carry, for ``/api/realtime/info`` (SPEC §5).
+#: Every event type a relay stream can carry, for ``/api/realtime/info`` (PROTOCOL §5).
 MESSAGE_TYPES: Final = (
     SESSION_SNAPSHOT,
     SESSION_STARTED,
@@ -41,7 +41,7 @@ STATUS_COMPLETED: Final = "COMPLETED"
 #: ``notification.kind`` sent when a session completes.
 KIND_UPLOAD_SESSION_COMPLETED: Final = "UPLOAD_SESSION_COMPLETED"
 
-#: Why the relay closed a stream (``STREAM_CLOSED.reason``, SPEC §5).
+#: Why the relay closed a stream (``STREAM_CLOSED.reason``, PROTOCOL §5).
 CloseReason: TypeAlias = Literal[
     "completed", "token-expired", "slow-consumer", "shutdown", "forbidden", "session-not-found"
 ]
@@ -52,7 +52,7 @@ class EventDecodeError(ValueError):
 
 
 def progress_percent(uploaded: int, failed: int, total: int) -> int:
-    """``floor(100 * (uploaded + failed) / total)``, SPEC §4 (0 for a zero total)."""
+    """``floor(100 * (uploaded + failed) / total)``, PROTOCOL §4 (0 for a zero total)."""
     return (100 * (uploaded + failed)) // total if total > 0 else 0
 
 

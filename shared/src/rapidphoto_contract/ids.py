@@ -1,4 +1,4 @@
-"""Identifier validation (SPEC §3): one pattern, one error type.
+"""Identifier validation (PROTOCOL §3): one pattern, one error type.
 
 Ids end up inside Redis key and channel names and in URLs, so the alphabet is deliberately small:
 no ``:`` (our key separator), no glob characters (``*``, ``?``, ``[``) that would turn a channel

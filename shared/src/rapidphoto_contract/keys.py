@@ -1,8 +1,8 @@
-"""Every Redis key and channel name the project uses, built here and nowhere else (STYLE §2).
+"""Every Redis key and channel name the project uses, built here and nowhere else (CONVENTIONS §2).
 
 Layout (``<sid>`` a session id, ``<uid>`` a user id; both validated, so they cannot contain ``:``):
 
-- ``upload-session:<sid>`` / ``user-notifications:<uid>``: pub/sub channels, named by SPEC §4.
+- ``upload-session:<sid>`` / ``user-notifications:<uid>``: pub/sub channels, named by PROTOCOL §4.
 - ``rapidphoto:session:<sid>:state``: hash with the session's owner, total, counts and status.
 - ``rapidphoto:session:<sid>:photos``: hash photo id -> ``U`` (uploaded) or ``F:<reason>`` (failed).
 - ``rapidphoto:session:<sid>:failures``: sorted set of currently failed photos by failure order.
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from typing import Final
 
-#: Prefix of every data key we own (not the channels, whose names SPEC §4 fixes).
+#: Prefix of every data key we own (not the channels, whose names PROTOCOL §4 fixes).
 KEY_PREFIX: Final = "rapidphoto"
 
-#: SPEC §4: anyone may publish here; the relay subscribes per open stream.
+#: PROTOCOL §4: anyone may publish here; the relay subscribes per open stream.
 SESSION_CHANNEL_PREFIX: Final = "upload-session:"
-#: SPEC §4: the owner's notifications (session completed).
+#: PROTOCOL §4: the owner's notifications (session completed).
 NOTIFICATION_CHANNEL_PREFIX: Final = "user-notifications:"
 
 
@@ -74,7 +74,7 @@ def session_keys(session_id: str) -> tuple[str, str, str, str]:
 # --- fields inside those keys (the worker writes them, the relay reads them) ---------------------
 
 #: Session state hash fields.
-STATE_OWNER: Final = "owner"  # the user id that may stream the session (SPEC §5 authorization)
+STATE_OWNER: Final = "owner"  # the user id that may stream the session (PROTOCOL §5 authorization)
 STATE_TOTAL: Final = "total"
 STATE_UPLOADED: Final = "uploaded"
 STATE_FAILED: Final = "failed"

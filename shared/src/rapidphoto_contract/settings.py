@@ -1,4 +1,4 @@
-"""Settings of SPEC §2, read once from the environment into a frozen object (STYLE §4).
+"""Settings of PROTOCOL §2, read once from the environment into a frozen object (CONVENTIONS §4).
 
 Build it in an entrypoint with :meth:`Settings.from_env` and pass it down; nothing reads the
 environment at import time. A missing or invalid value raises :class:`ConfigError` naming the
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 T = TypeVar("T")
 
-#: Algorithms the relay knows how to verify. ``none`` is never accepted (SPEC §2).
+#: Algorithms the relay knows how to verify. ``none`` is never accepted (PROTOCOL §2).
 SUPPORTED_ALGORITHMS: Final = frozenset(
     {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"}
 )

@@ -1,4 +1,4 @@
-"""A simulated upload pipeline (SPEC §2, the people's CLI): N sessions x M photos at a rate.
+"""A simulated upload pipeline (PROTOCOL §2, the people's CLI): N sessions x M photos at a rate.
 
 Two halves, so the interesting part is testable without a clock or a Redis:
 

@@ -1,4 +1,4 @@
-"""Redis Stream entry ids (``<ms>-<seq>``), which are also the SSE event ids (SPEC §4, §5).
+"""Redis Stream entry ids (``<ms>-<seq>``), which are also the SSE event ids (PROTOCOL §4, §5).
 
 Ids are compared as ``(ms, seq)`` integer pairs, never as strings: ``"9-0" > "10-0"`` as text. A
 ``Last-Event-ID`` comes from clients, so parsing is strict (both parts, decimal, each a 64-bit

@@ -1,4 +1,4 @@
-"""JWT helpers with pinned algorithms (SPEC §5), built on PyJWT.
+"""JWT helpers with pinned algorithms (PROTOCOL §5), built on PyJWT.
 
 :class:`TokenVerifier` is what the relay uses: it only accepts the algorithms listed in the
 settings, requires ``exp`` and ``sub``, checks ``iss``/``aud`` when configured and reports *why* a

@@ -56,7 +56,7 @@ async def metrics_endpoint(state: State) -> Response[bytes]:
     return Response(metrics.render(), media_type=metrics.content_type)
 
 
-#: The live progress page (SPEC §8), shipped inside the package.
+#: The live progress page (PROTOCOL §8), shipped inside the package.
 DEMO_PAGE_RESOURCE = "static/demo.html"
 #: The page's URL carries the user's token: never cache it, never send it on as a Referer.
 _DEMO_HEADERS = {
@@ -77,7 +77,7 @@ async def demo(state: State) -> Response[bytes]:
 
 
 def create_app(settings: Settings) -> Litestar:
-    """The relay app; ``settings`` is built once by the entrypoint (STYLE §4)."""
+    """The relay app; ``settings`` is built once by the entrypoint (CONVENTIONS §4)."""
     metrics = RelayMetrics()
     authenticator = Authenticator(TokenVerifier(settings), settings.jwt_cookie_name, metrics)
 
@@ -130,7 +130,7 @@ def create_app(settings: Settings) -> Litestar:
         openapi_config=OpenAPIConfig(
             title="RapidPhoto relay",
             version="0.1.0",
-            description="Authenticated Server-Sent Events of upload progress (SPEC §5).",
+            description="Authenticated Server-Sent Events of upload progress (PROTOCOL §5).",
             path="/schema",
             components=Components(security_schemes=security_schemes(settings.jwt_cookie_name)),
         ),

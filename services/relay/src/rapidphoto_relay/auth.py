@@ -1,4 +1,4 @@
-"""Authentication of stream requests (SPEC §5), as a Litestar guard.
+"""Authentication of stream requests (PROTOCOL §5), as a Litestar guard.
 
 Guards run before a handler's parameters are parsed, so an unauthenticated request gets its 401
 before anything about its path or session id is checked (401 before 400/403).
@@ -51,7 +51,7 @@ def security_schemes(cookie_name: str) -> dict[str, SecurityScheme | Reference]:
 
 
 def find_token(connection: ASGIConnection, cookie_name: str) -> tuple[TokenSource, str] | None:  # type: ignore[type-arg]
-    """The token and where it came from, by SPEC §5's order; ``None`` if no source is present."""
+    """The token and where it came from, by PROTOCOL §5's order; ``None`` if no source is present."""
     header = connection.headers.get("authorization")
     if header is not None:
         scheme, _, credentials = header.strip().partition(" ")

@@ -1,4 +1,4 @@
-"""The relay's HTTP errors: values with names (STYLE §8), rendered as ``{"error": "..."}``."""
+"""The relay's HTTP errors: values with names (CONVENTIONS §8), rendered as ``{"error": "..."}``."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class RelayHTTPError(Exception):
 
 
 class Unauthorized(RelayHTTPError):
-    """401 (SPEC §5): ``WWW-Authenticate: Bearer`` when no token, ``error="invalid_token"`` else."""
+    """401 (PROTOCOL §5): ``WWW-Authenticate: Bearer`` when no token, ``error="invalid_token"`` else."""
 
     status_code = 401
 

@@ -1,4 +1,4 @@
-"""A limit on the size of a request's headers (SPEC §7, "oversized headers": a clear error).
+"""A limit on the size of a request's headers (PROTOCOL §7, "oversized headers": a clear error).
 
 uvicorn's httptools protocol reads headers of any size (a 2 MB header is parsed, then handed to
 the app), so the limit is enforced here, in front of everything else: before routing, before the

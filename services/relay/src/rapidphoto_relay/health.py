@@ -1,4 +1,4 @@
-"""Liveness and readiness (SPEC §5), and the service description at ``/api/realtime/info``.
+"""Liveness and readiness (PROTOCOL §5), and the service description at ``/api/realtime/info``.
 
 Ready means this process can serve a stream right now: its pub/sub connection is up with every
 channel confirmed, and the commands connection answers a PING. A load balancer should stop sending

@@ -1,14 +1,14 @@
-"""The one Redis pub/sub subscription of a relay process, shared by all of its streams (SPEC §1).
+"""The one Redis pub/sub subscription of a relay process, shared by all of its streams (PROTOCOL §1).
 
 - Channels are reference counted: subscribed when their first local stream opens, unsubscribed when
   the last one closes. :meth:`Hub.subscribe` returns only once Redis has *confirmed* the
   subscription, so a stream that reads its log afterwards cannot miss an event published in between.
 - One reader task reads the connection. Each message is validated and framed once
   (:mod:`rapidphoto_relay.payload`) and the same :class:`~rapidphoto_relay.subscriber.Message` is
-  pushed into every local subscriber's bounded buffer without waiting (STYLE §6).
+  pushed into every local subscriber's bounded buffer without waiting (CONVENTIONS §6).
 - When the connection fails the hub reconnects with exponential backoff and full jitter, resubscribes
   every channel, and once each channel is confirmed asks its streams to resync from the event log
-  (what they missed meanwhile; SPEC §5). ``ready`` is false in between (``/health/ready`` is 503).
+  (what they missed meanwhile; PROTOCOL §5). ``ready`` is false in between (``/health/ready`` is 503).
 - A PING every ``ping_interval`` seconds of silence detects a dead link that never reports an error.
 
 Confirmations are matched by counting: every SUBSCRIBE/UNSUBSCRIBE sent for a channel is answered
@@ -244,7 +244,7 @@ class Hub:
                 reply = await conn.read()
                 self._last_read = loop.time()
                 # Each message in isolation: whatever goes wrong with one (anyone may PUBLISH,
-                # SPEC §4) drops that one, never the connection every stream shares.
+                # PROTOCOL §4) drops that one, never the connection every stream shares.
                 try:
                     self._handle(reply)
                 except Exception:

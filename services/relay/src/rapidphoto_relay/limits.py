@@ -1,4 +1,4 @@
-"""Connection limits of SPEC §2/§5: per process (503) and per user ``sub`` (429).
+"""Connection limits of PROTOCOL §2/§5: per process (503) and per user ``sub`` (429).
 
 Every open stream counts, from the moment it is admitted (before its first byte) until its writer
 has finished. ``Retry-After`` is a whole number of seconds, at least 1 (RFC 9110 §10.2.3); a full

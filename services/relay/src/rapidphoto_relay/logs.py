@@ -1,6 +1,6 @@
 """Logging: one JSON object per line, with ``access_token`` redacted from everything.
 
-EventSource clients pass their token in the query string (SPEC §5), and uvicorn's access log prints
+EventSource clients pass their token in the query string (PROTOCOL §5), and uvicorn's access log prints
 the path *with* the query string, as may any error message that quotes a URL. So redaction is done
 twice: a filter rewrites each record's message before any handler sees it, and the formatter
 scrubs the final line (exception text and extra fields included) before it is written.

@@ -1,11 +1,11 @@
 """``rapidphoto-relay``: serve the relay with uvicorn (uvloop + httptools).
 
-Settings come from the environment once, here (STYLE §4); ``--host``/``--port`` override
+Settings come from the environment once, here (CONVENTIONS §4); ``--host``/``--port`` override
 ``RELAY_HOST``/``RELAY_PORT``. A missing or invalid variable exits with a message naming it.
 
 Shutdown: uvicorn waits for open responses to finish before it runs the lifespan shutdown, and an
 SSE response never finishes by itself, so on SIGTERM/SIGINT :class:`RelayServer` first tells every
-stream to close (``STREAM_CLOSED shutdown``, SPEC §5) and only then lets uvicorn proceed.
+stream to close (``STREAM_CLOSED shutdown``, PROTOCOL §5) and only then lets uvicorn proceed.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from rapidphoto_relay.headers import HeaderSizeLimit
 from rapidphoto_relay.logs import logging_config
 from rapidphoto_relay.services import RelayServices
 
-#: SPEC §5: all streams closed within 5 s of SIGTERM; uvicorn's own deadline is the backstop.
+#: PROTOCOL §5: all streams closed within 5 s of SIGTERM; uvicorn's own deadline is the backstop.
 SHUTDOWN_SECONDS: Final = 4.0
 
 
@@ -96,7 +96,7 @@ def _find_services(app: object) -> RelayServices | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="rapidphoto-relay", description="Serve RapidPhoto's SSE relay (SPEC §5)."
+        prog="rapidphoto-relay", description="Serve RapidPhoto's SSE relay (PROTOCOL §5)."
     )
     parser.add_argument("--host", help="listen address (overrides RELAY_HOST)")
     parser.add_argument("--port", type=int, help="listen port (overrides RELAY_PORT)")

@@ -15,7 +15,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-#: Publish-to-write lag buckets (seconds): the acceptance bar is 500 ms (SPEC §1).
+#: Publish-to-write lag buckets (seconds): the acceptance bar is 500 ms (PROTOCOL §1).
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -40,7 +40,7 @@ class RelayMetrics:
         )
         self.events_dropped = Counter(
             "rapidphoto_relay_events_dropped",
-            "Channel payloads dropped for breaking the SPEC §4 payload rule",
+            "Channel payloads dropped for breaking the PROTOCOL §4 payload rule",
             ["reason"],
             registry=r,
         )

@@ -1,4 +1,4 @@
-"""The channel payload rule of SPEC §4, and turning a valid payload into a framed :class:`Message`.
+"""The channel payload rule of PROTOCOL §4, and turning a valid payload into a framed :class:`Message`.
 
 Anyone may ``PUBLISH`` to our channels, so every payload is checked once, in the hub, before it
 reaches a stream: a UTF-8 JSON object of at most 64 KiB whose ``type`` is a string matching
@@ -29,7 +29,7 @@ _decoder: Final = msgspec.json.Decoder()
 
 
 class InvalidPayload(ValueError):
-    """A payload that breaks SPEC §4; ``reason`` is a short label for logs and metrics."""
+    """A payload that breaks PROTOCOL §4; ``reason`` is a short label for logs and metrics."""
 
     def __init__(self, reason: str) -> None:
         self.reason = reason

@@ -7,7 +7,7 @@ writer that has been stuck in ``send`` on a client that stopped reading after it
 close. One ticker instead of a timer per stream keeps an idle stream down to a few objects.
 
 On shutdown (SIGTERM) every stream is told to close with ``shutdown``; writers still stuck after
-``SHUTDOWN_ABORT_SECONDS`` are aborted, so the process is gone within SPEC §5's 5 seconds.
+``SHUTDOWN_ABORT_SECONDS`` are aborted, so the process is gone within PROTOCOL §5's 5 seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ TICK_SECONDS: Final = 1.0
 #: A writer stuck this long in ``send`` after its stream was told to close is aborted. Long enough
 #: for a slow client that reads again to still get its buffered events and the STREAM_CLOSED.
 ABORT_GRACE_SECONDS: Final = 10.0
-#: On shutdown the whole process has 5 s (SPEC §5); stuck writers get less.
+#: On shutdown the whole process has 5 s (PROTOCOL §5); stuck writers get less.
 SHUTDOWN_ABORT_SECONDS: Final = 2.0
 #: After this many streams closed, hand freed heap memory back to the OS (see ``_malloc_trim``).
 TRIM_AFTER_CLOSES: Final = 256

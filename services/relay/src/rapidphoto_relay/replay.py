@@ -1,4 +1,4 @@
-"""Reading the event logs (SPEC §5): Last-Event-ID coverage, replays and snapshots.
+"""Reading the event logs (PROTOCOL §5): Last-Event-ID coverage, replays and snapshots.
 
 A stream never trusts pub/sub alone. It subscribes first (the hub confirms), *then* reads the log,
 and finally drains what the subscription buffered meanwhile, skipping every id at or below the
@@ -37,7 +37,7 @@ from rapidphoto_relay import sse
 from rapidphoto_relay.payload import log_entry_message
 from rapidphoto_relay.subscriber import Message
 
-#: SPEC §4: a snapshot lists the 100 most recent failures at most.
+#: PROTOCOL §4: a snapshot lists the 100 most recent failures at most.
 SNAPSHOT_FAILURES: Final = 100
 
 _SYNC_SESSION_LUA: Final = """
@@ -160,7 +160,7 @@ class LogReader:
     async def probe_session(self, session_id: str) -> SessionProbe:
         # One round trip, but not a MULTI: Redis refuses every command queued in a MULTI while it
         # is out of memory (maxmemory reached, noeviction), reads included, and a stream must
-        # open then (SPEC §5: 503 only while Redis is unusable). Atomicity is not needed: the
+        # open then (PROTOCOL §5: 503 only while Redis is unusable). Atomicity is not needed: the
         # status is read first, so a log entry it saw is in ``newest`` too (a 204 stays right).
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hmget(keys.session_state_key(session_id), [keys.STATE_OWNER, keys.STATE_STATUS])
@@ -177,7 +177,7 @@ class LogReader:
         return None if owner is None else _text(owner)
 
     async def sync_session(self, session_id: str, after: StreamId | None) -> SessionSync:
-        """Entries after ``after`` if the log still covers it, else a snapshot (SPEC §5)."""
+        """Entries after ``after`` if the log still covers it, else a snapshot (PROTOCOL §5)."""
         reply = await self._sync_session(
             keys=[
                 keys.session_state_key(session_id),

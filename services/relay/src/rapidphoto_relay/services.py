@@ -1,4 +1,4 @@
-"""Everything a request handler needs, built once per process in the app's lifespan (STYLE §5)."""
+"""Everything a request handler needs, built once per process in the app's lifespan (CONVENTIONS §5)."""
 
 from __future__ import annotations
 

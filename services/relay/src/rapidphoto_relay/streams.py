@@ -1,4 +1,4 @@
-"""The two SSE endpoints of SPEC §5: auth (guard) → id check → ownership → limits → stream.
+"""The two SSE endpoints of PROTOCOL §5: auth (guard) → id check → ownership → limits → stream.
 
 A handler does the checks that can still become an HTTP error (400, 403, 204, 429, 503), admits the
 stream (connection limits, a confirmed subscription) and returns :class:`StreamResponse`, whose ASGI
@@ -55,7 +55,7 @@ log = logging.getLogger("rapidphoto_relay.streams")
 
 SESSION_STREAM_PATH: Final = "/api/upload/sessions/{sessionId:str}/stream"
 NOTIFICATION_STREAM_PATH: Final = "/api/upload/sessions/notifications/stream"
-#: SPEC §5: a session that does not exist yet is waited for this long.
+#: PROTOCOL §5: a session that does not exist yet is waited for this long.
 PENDING_SESSION_SECONDS: Final = 10.0
 #: How often a pending stream looks for its session (it also looks whenever its channel speaks).
 PENDING_POLL_SECONDS: Final = 0.25
@@ -287,7 +287,7 @@ class EventStream:
     # --- the stream's phases -------------------------------------------------------------------
 
     async def _await_session(self, send: Send) -> bool:
-        """SPEC §5: wait for a session that does not exist yet; False if the stream must end."""
+        """PROTOCOL §5: wait for a session that does not exist yet; False if the stream must end."""
         sub = self.sub
         reader = self.services.reader
         deadline = time.monotonic() + PENDING_SESSION_SECONDS
@@ -344,7 +344,7 @@ class EventStream:
                     messages, completed = await self._read_notifications(), False
                 break
             except RedisError as exc:
-                # SPEC §5: with Redis away the stream stays open on heartbeats and catches up later.
+                # PROTOCOL §5: with Redis away the stream stays open on heartbeats and catches up later.
                 log.warning(
                     "log read failed, will retry",
                     extra={"channel": sub.channel, "error": str(exc)},
@@ -439,7 +439,7 @@ def _retry_after(services: RelayServices) -> int:
 
 
 def _last_event_id(header_value: str | None, query_value: str | None) -> str | None:
-    """SPEC §5: the ``Last-Event-ID`` header, else the ``lastEventId`` query parameter."""
+    """PROTOCOL §5: the ``Last-Event-ID`` header, else the ``lastEventId`` query parameter."""
     return header_value or query_value or None
 
 
@@ -508,7 +508,7 @@ class _EventFields(TypedDict):
 # (total=False rather than NotRequired: this module's annotations are strings, which TypedDict
 # cannot see through, so NotRequired[...] would still be listed as required.)
 class StreamEvent(_EventFields, total=False):
-    """One event of a stream (SPEC §4, §5), for the OpenAPI document: the ``event:``, ``data:``
+    """One event of a stream (PROTOCOL §4, §5), for the OpenAPI document: the ``event:``, ``data:``
     and ``id:`` fields of a frame. (Comment lines and the ``retry:`` frame carry no event.)"""
 
     #: The payload's log entry id, when it has one: the ``Last-Event-ID`` to resume after it.
@@ -522,7 +522,7 @@ _EVENTS: Final = ResponseSpec(
     generate_examples=False,
 )
 
-#: ``{sessionId}``: an id of SPEC §3 (the handler checks it: 400 with the usual error body).
+#: ``{sessionId}``: an id of PROTOCOL §3 (the handler checks it: 400 with the usual error body).
 SessionIdPath: TypeAlias = Annotated[
     str,
     PathParameter(
@@ -595,7 +595,7 @@ async def session_stream(
     if probe.owner is not None and probe.owner != principal.user_id:
         raise Forbidden("this session belongs to another user")
     if probe.completed and resume_from is not None and resume_from == probe.newest:
-        # SPEC §5: already at the end of a completed session; 204 makes EventSource stop retrying.
+        # PROTOCOL §5: already at the end of a completed session; 204 makes EventSource stop retrying.
         return Response(content=None, status_code=204)
     sub = await _admit(services, principal, keys.session_channel(session_id), "session")
     sub.cursor = resume_from
@@ -640,7 +640,7 @@ async def notification_stream(
     resume_from = parse_stream_id(raw_last)
     try:
         # Read before subscribing: a stream that starts live replays from here, so notifications
-        # racing the subscription are delivered (SPEC §5's no-gap rule, notification edition).
+        # racing the subscription are delivered (PROTOCOL §5's no-gap rule, notification edition).
         newest = await services.reader.newest_notification(principal.user_id)
     except RedisError:
         raise Unavailable("event source unavailable, retry later", _retry_after(services)) from None

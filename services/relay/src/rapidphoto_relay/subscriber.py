@@ -1,9 +1,9 @@
-"""One open stream's state: its bounded buffer, cursor and close reason (STYLE §6).
+"""One open stream's state: its bounded buffer, cursor and close reason (CONVENTIONS §6).
 
 The hub calls :meth:`Subscriber.push` from its single reader task; it never blocks and never
 allocates per message beyond a list slot: the :class:`Message` (already framed as SSE bytes) is
 shared by every subscriber of the channel. A full buffer closes this stream only, with
-``slow-consumer`` (SPEC §5); the client resumes with ``Last-Event-ID``.
+``slow-consumer`` (PROTOCOL §5); the client resumes with ``Last-Event-ID``.
 
 The stream's writer (``streams.py``) sleeps in :meth:`wait` and, when woken, takes *everything*
 buffered with :meth:`drain` and writes it in one ``send``: under load that batches many events into
@@ -24,7 +24,7 @@ from typing import Final, Literal, Protocol, TypeAlias
 
 from rapidphoto_contract.stream_ids import StreamId
 
-#: Why a stream ends. The first five are sent to the client as ``STREAM_CLOSED`` reasons (SPEC §5);
+#: Why a stream ends. The first five are sent to the client as ``STREAM_CLOSED`` reasons (PROTOCOL §5);
 #: ``disconnected`` (the client went away) and ``aborted`` (a writer stuck on a client that stopped
 #: reading) are not, as there is nobody left to tell.
 CloseReason: TypeAlias = Literal[
@@ -44,7 +44,7 @@ class Message:
 
     ``stream_id`` is the parsed ``eventId`` when it is a log entry id (``None`` for raw publishes
     without one); ``terminal`` marks a ``SESSION_COMPLETED`` from the log, after which a session
-    stream closes (SPEC §5); ``occurred_at`` is the publisher's clock (epoch seconds) for the lag
+    stream closes (PROTOCOL §5); ``occurred_at`` is the publisher's clock (epoch seconds) for the lag
     histogram, observed once per message and process (``observed``).
     """
 
@@ -128,7 +128,7 @@ class Subscriber:
         self.sink: Sink | None = None
         self.close_reason: CloseReason | None = None
         #: The stream must (re)read the log before writing live messages: set at open and after
-        #: the hub resubscribed following a Redis outage (SPEC §5).
+        #: the hub resubscribed following a Redis outage (PROTOCOL §5).
         self.resync = True
         self.heartbeat_due = False
         #: Idle seconds after which the ticker writes a heartbeat (set by the registry).

@@ -1,4 +1,4 @@
-"""The pub/sub transport seam (STYLE §3): what the hub needs from Redis, as a ``Protocol``.
+"""The pub/sub transport seam (CONVENTIONS §3): what the hub needs from Redis, as a ``Protocol``.
 
 The hub drives one connection itself rather than using redis-py's ``PubSub`` object, because it must
 (1) know when Redis has *confirmed* a SUBSCRIBE before a stream reads its log (else an event could fall

@@ -1,4 +1,4 @@
-"""One function per command (SPEC §3): check, run the command's Lua script, map its reply.
+"""One function per command (PROTOCOL §3): check, run the command's Lua script, map its reply.
 
 The job functions in :mod:`rapidphoto_worker.main` parse a job's arguments with the contract and call
 these. Each returns a :class:`CommandResult` (``applied``, or ``duplicate`` when nothing changed) or
@@ -65,7 +65,7 @@ BACKOFF_BASE_SECONDS: Final = 0.05
 BACKOFF_CAP_SECONDS: Final = 2.0
 BACKOFF_MIN_JITTER: Final = 0.8
 
-#: SPEC §3: a photo job whose session does not exist yet is retried "for at least 10 s". Read at call
+#: PROTOCOL §3: a photo job whose session does not exist yet is retried "for at least 10 s". Read at call
 #: time, so tests may lower it. Counted from the job's *first try*, not from when it was enqueued: a
 #: job that sat in a long queue still gets the full window. arq keeps no first-try time, so we use a
 #: lower bound that needs no extra state: the sum of the smallest delays the backoff can have given

@@ -1,4 +1,4 @@
-"""What a job needs, built once per process in ``on_startup`` and kept in arq's ``ctx`` (STYLE §5)."""
+"""What a job needs, built once per process in ``on_startup`` and kept in arq's ``ctx`` (CONVENTIONS §5)."""
 
 from __future__ import annotations
 

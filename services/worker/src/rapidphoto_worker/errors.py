@@ -1,4 +1,4 @@
-"""The worker's named errors (STYLE §8): why a job failed, as a type a caller can match on.
+"""The worker's named errors (CONVENTIONS §8): why a job failed, as a type a caller can match on.
 
 Each is final for its job: arq records it as the job's result and does not retry it. Transient Redis
 failures are not here; they become ``arq.Retry`` (see :mod:`rapidphoto_worker.commands`). Bad job
@@ -24,12 +24,12 @@ class CommandError(Exception):
 
 
 class SessionConflict(CommandError):
-    """``start_upload_session`` for a session that exists with another owner or total (SPEC §3)."""
+    """``start_upload_session`` for a session that exists with another owner or total (PROTOCOL §3)."""
 
 
 class TooManyPhotos(CommandError):
-    """A new distinct photo for a session that already has ``total_photos`` of them (SPEC §3)."""
+    """A new distinct photo for a session that already has ``total_photos`` of them (PROTOCOL §3)."""
 
 
 class SessionNotFound(CommandError):
-    """A photo job whose session was still not started after the retry window (SPEC §3)."""
+    """A photo job whose session was still not started after the retry window (PROTOCOL §3)."""

@@ -1,7 +1,7 @@
 """The arq worker: its settings, start-up and shutdown, the job functions, the console script.
 
 ``rapidphoto-worker`` is ``arq rapidphoto_worker.main.WorkerSettings`` with the Redis connection taken
-from ``REDIS_URL`` (SPEC §2). The job functions are thin: parse the arguments with the contract (bad
+from ``REDIS_URL`` (PROTOCOL §2). The job functions are thin: parse the arguments with the contract (bad
 ones raise ``InvalidCommand``: the job fails, is not retried and changes nothing), run the command,
 log one line, return a small JSON result.
 """
@@ -56,7 +56,7 @@ MAX_JOBS: Final = 50
 #: How long an idle worker waits before looking at the queue again: the latency a job sees when the
 #: worker is idle. One ZRANGEBYSCORE per poll.
 POLL_DELAY_SECONDS: Final = 0.05
-#: SPEC §3: "Job results are kept as arq keeps them (one hour by default)".
+#: PROTOCOL §3: "Job results are kept as arq keeps them (one hour by default)".
 KEEP_RESULT_SECONDS: Final = 3600
 #: On SIGTERM stop taking jobs and let running ones finish for this long before cancelling them (a
 #: cancelled job is run again; its script either ran whole or not at all).
@@ -159,7 +159,7 @@ async def _run(
         log.log(level, "job %s", outcome, extra={FIELDS: fields})
 
     try:
-        if args:  # SPEC §3: jobs are called with keyword arguments
+        if args:  # PROTOCOL §3: jobs are called with keyword arguments
             raise InvalidCommand(f"{job}: takes keyword arguments only, got {len(args)} positional")
         result = await run(from_ctx(ctx), job_try)
     except Retry as exc:
@@ -213,7 +213,7 @@ class WorkerSettings:
         func(fail_photo_upload, name=FAIL_PHOTO_UPLOAD),
     ]
     queue_name = QUEUE_NAME
-    # SPEC §3: JSON both ways, never pickle (unpickling data from Redis would run its code).
+    # PROTOCOL §3: JSON both ways, never pickle (unpickling data from Redis would run its code).
     job_serializer = serialize_job
     job_deserializer = deserialize_job
     on_startup = startup

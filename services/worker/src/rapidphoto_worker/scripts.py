@@ -1,8 +1,8 @@
-"""The Lua scripts, one per command (SPEC §1), loaded once per process.
+"""The Lua scripts, one per command (PROTOCOL §1), loaded once per process.
 
 Each script is built as ``<constants> + lua/lib.lua + lua/<command>.lua``. The constants (hash field
 names, photo marks, log field names, event types, statuses) are generated from the contract package,
-so the names the relay reads and the names the scripts write have one source (STYLE §2).
+so the names the relay reads and the names the scripts write have one source (CONVENTIONS §2).
 
 At start-up :func:`load_scripts` sends ``SCRIPT LOAD`` for each, so a script that does not compile stops
 the worker before it takes a job. Jobs then call them through redis-py's ``AsyncScript``, which sends

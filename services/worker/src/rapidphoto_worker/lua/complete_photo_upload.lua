@@ -1,4 +1,4 @@
--- complete_photo_upload (SPEC §3): mark the photo uploaded, publish PHOTO_UPLOADED.
+-- complete_photo_upload (PROTOCOL §3): mark the photo uploaded, publish PHOTO_UPLOADED.
 -- KEYS: state, photos, failures, log, owner's notification log
 -- ARGV: session_id, photo_id, owner, occurred_at, maxlen, ttl, session_channel, user_channel
 -- Reply: {'applied', ids...} | {'duplicate'} | {'too_many'} | {'not_found'} | {'owner_changed'}

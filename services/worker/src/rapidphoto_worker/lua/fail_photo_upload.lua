@@ -1,4 +1,4 @@
--- fail_photo_upload (SPEC §3): mark the photo failed, publish PHOTO_FAILED.
+-- fail_photo_upload (PROTOCOL §3): mark the photo failed, publish PHOTO_FAILED.
 -- KEYS: state, photos, failures, log, owner's notification log
 -- ARGV: session_id, photo_id, owner, occurred_at, maxlen, ttl, session_channel, user_channel,
 --       reason (raw text, stored), reason_json (the same, JSON-encoded by Python, published)
@@ -10,7 +10,7 @@ if early then
   return early
 end
 
--- Already uploaded: an uploaded photo is never turned into a failure (SPEC §3).
+-- Already uploaded: an uploaded photo is never turned into a failure (PROTOCOL §3).
 -- Already failed: nothing changes, not even the reason. The first report is the one clients have
 -- seen, and a redelivered job must not publish again; a later report of the same outcome is treated
 -- the same way, because telling the two apart would need a delivery id the contract does not have.
@@ -21,7 +21,7 @@ if session.uploaded + session.failed >= session.total then
   return {'too_many'}
 end
 session.failed = session.failed + 1
--- fseq orders the failures set, so a snapshot can list the most recent failures (SPEC §4).
+-- fseq orders the failures set, so a snapshot can list the most recent failures (PROTOCOL §4).
 local seq = redis.call('HINCRBY', k.state, F_FAILURE_SEQ, 1)
 redis.call('HSET', k.photos, a.photo_id, FAILED_PREFIX .. reason)
 redis.call('ZADD', k.failures, seq, a.photo_id)

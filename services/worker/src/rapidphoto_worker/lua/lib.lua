@@ -2,7 +2,7 @@
 --   <constants generated from rapidphoto_contract> .. lib.lua .. <command>.lua
 -- so everything here is a local of that one script (a Redis script cannot load another).
 --
--- Every command keeps the same shape (SPEC §1, §6): read the session, decide, change the state,
+-- Every command keeps the same shape (PROTOCOL §1, §6): read the session, decide, change the state,
 -- append each resulting event to its log and PUBLISH the same bytes, refresh the TTLs. A script runs
 -- atomically, so no client ever sees a state change without its event, or the other way round.
 
@@ -20,7 +20,7 @@ local function jint(n)
 end
 
 -- The id the next entry of a stream will get. We choose it ourselves (rather than XADD '*') because the
--- payload we store and publish must contain its own id: a client's Last-Event-ID is that id (SPEC §4).
+-- payload we store and publish must contain its own id: a client's Last-Event-ID is that id (PROTOCOL §4).
 -- Same rule as Redis uses for '*': the current ms with sequence 0, or, if the clock has not moved past
 -- the newest entry (same ms, or a clock that went backwards), that entry's ms with the next sequence.
 -- The newest entry is the last id ever generated because nothing XDELs from our logs and approximate
@@ -53,7 +53,7 @@ local function emit(log_key, channel, maxlen, occurred_at, event_type, fields)
   return id
 end
 
--- The progress fields every session event ends with (SPEC §4), in wire order.
+-- The progress fields every session event ends with (PROTOCOL §4), in wire order.
 local function progress_fields(total, uploaded, failed, status)
   return ',"totalPhotos":' .. jint(total)
     .. ',"uploadedPhotos":' .. jint(uploaded)
@@ -62,7 +62,7 @@ local function progress_fields(total, uploaded, failed, status)
     .. ',"status":' .. jstr(status)
 end
 
--- SESSION_TTL_SECONDS counts from a session's last change (SPEC §2): every key of the session, and
+-- SESSION_TTL_SECONDS counts from a session's last change (PROTOCOL §2): every key of the session, and
 -- the owner's notification log, get the full TTL again. EXPIRE on a missing key does nothing.
 local function refresh_ttl(keys, ttl)
   for _, key in ipairs(keys) do
@@ -86,7 +86,7 @@ local function read_session(state_key)
 end
 
 -- Shared tail of the two photo commands: save the new counts, publish the photo event and, when
--- uploaded + failed reaches the total for the first time, complete the session (SPEC §3): status
+-- uploaded + failed reaches the total for the first time, complete the session (PROTOCOL §3): status
 -- COMPLETED, SESSION_COMPLETED on the session log and channel, a notification on the owner's.
 -- The photo event carries the status from before completion; SESSION_COMPLETED is the transition.
 -- Returns the reply for Python: {'applied', photo event id[, completed id, notification id]}.

@@ -1,4 +1,4 @@
--- start_upload_session (SPEC §3): create the session, publish SESSION_STARTED.
+-- start_upload_session (PROTOCOL §3): create the session, publish SESSION_STARTED.
 -- KEYS: state, photos, failures, log, owner's notification log
 -- ARGV: session_id, user_id, total_photos, occurred_at, maxlen, ttl, session_channel
 -- Reply: {'applied', event id} | {'duplicate'} (same owner and total) | {'conflict'}
