@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 import warnings
+from typing import Any, cast
+
+from litestar.exceptions import HTTPException, ValidationException
 
 from rapidphoto_contract.settings import Settings
 from rapidphoto_relay.app import create_app
@@ -43,3 +46,20 @@ def test_importing_and_creating_the_app_is_quiet_in_a_fresh_interpreter() -> Non
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+def test_a_parameter_validation_error_never_echoes_the_url() -> None:
+    """Regression: Litestar's validation error quotes the whole request URL in its detail, and the
+    relay copied that detail into the ``{"error": ...}`` body, so a request with an
+    ``access_token`` in its query and a parameter Litestar refused got its token echoed back."""
+    app = create_app(_settings())
+    handler = app.exception_handlers[HTTPException]
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    exc = ValidationException(
+        detail=f"Validation failed for GET http://relay/api/x?access_token={token}&lastEventId=1",
+        extra=[{"key": "lastEventId", "message": "Expected `str`", "source": "query"}],
+    )
+    response = handler(cast("Any", None), exc)
+    assert response.status_code == 400
+    assert response.content == {"error": "invalid request parameters: lastEventId"}
+    assert token not in str(response.content)

@@ -11,7 +11,7 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.spec import Components
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -41,9 +41,16 @@ def _relay_error(_: Request[Any, Any, Any], exc: RelayHTTPError) -> Response[dic
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, str]]:
     # Litestar's own errors (404, 405, parameter validation) in the same {"error": ...} shape.
-    return Response(
-        {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers or None
-    )
+    # A validation error's detail quotes the whole URL, query string included, and so would echo
+    # an ``access_token`` (PROTOCOL §5: error bodies never echo the token): name the parameters
+    # instead, never their values.
+    message = str(exc.detail)
+    if isinstance(exc, ValidationException):
+        names = sorted(
+            {str(item.get("key")) for item in exc.extra or [] if isinstance(item, dict)} - {"None"}
+        )
+        message = "invalid request parameters" + (f": {', '.join(names)}" if names else "")
+    return Response({"error": message}, status_code=exc.status_code, headers=exc.headers or None)
 
 
 def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
