@@ -5,7 +5,7 @@
 
 Run by the locustfile as a subprocess (asyncio and arq stay out of locust's gevent process). It
 enqueues ``start_upload_session`` for ``<prefix>-s<i>`` owned by ``<prefix>-u<i>`` with
-:class:`~rapidphoto_contract.jobs.UploadJobsClient`, waits until the worker has created every
+:class:`~rapidphoto_tools.client.UploadJobsClient`, waits until the worker has created every
 session, prints ``{"event": "ready"}``, then ``--start-delay`` seconds later (time for the
 viewers to connect) sends photo outcomes round robin
 over the sessions at ``--rate`` per second (absolute schedule: job *k* at ``start + k / rate``, so
@@ -31,8 +31,9 @@ from typing import Any
 from loadtests.names import session_id, user_id
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.jobs import MAX_TOTAL_PHOTOS, UploadJobsClient
-from rapidphoto_contract.simulation import FAILURE_REASONS
+from rapidphoto_contract.jobs import MAX_TOTAL_PHOTOS
+from rapidphoto_tools.client import UploadJobsClient
+from rapidphoto_tools.simulation import FAILURE_REASONS
 
 #: Start jobs in flight at once while creating sessions.
 START_CONCURRENCY = 50

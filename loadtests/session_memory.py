@@ -30,7 +30,7 @@ import redis
 import redis.asyncio as aioredis
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.jobs import UploadJobsClient
+from rapidphoto_tools.client import UploadJobsClient
 
 # Run as a script (`python loadtests/<name>.py`): make the repository root importable for
 # tests.support, which holds the one way this project starts a private redis-server.

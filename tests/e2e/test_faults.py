@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from rapidphoto_contract.jobs import UploadJobsClient
+from rapidphoto_tools.client import UploadJobsClient
 from tests.e2e.conftest import (
     NOTIFICATION_STREAM,
     Cluster,

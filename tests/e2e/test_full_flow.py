@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from rapidphoto_contract.jobs import UploadJobsClient
+from rapidphoto_tools.client import UploadJobsClient
 from tests.e2e.conftest import (
     NOTIFICATION_STREAM,
     Cluster,

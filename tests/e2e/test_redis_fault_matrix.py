@@ -44,7 +44,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
-from rapidphoto_contract.jobs import UploadJobsClient
+from rapidphoto_tools.client import UploadJobsClient
 from tests.e2e.conftest import (
     Cluster,
     LogEntry,

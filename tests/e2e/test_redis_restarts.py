@@ -27,7 +27,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from rapidphoto_contract.events import STATUS_COMPLETED, STATUS_IN_PROGRESS
-from rapidphoto_contract.jobs import UploadJobsClient, deserialize_job
+from rapidphoto_contract.jobs import deserialize_job
+from rapidphoto_tools.client import UploadJobsClient
 from tests.e2e.conftest import (
     NOTIFICATION_STREAM,
     Cluster,

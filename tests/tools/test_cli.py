@@ -19,11 +19,12 @@ import pytest
 import redis
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.cli import main, redact_url
 from rapidphoto_contract.jobs import QUEUE_NAME
 from rapidphoto_contract.settings import Settings
-from rapidphoto_contract.simulation import SimulationSpec, plan_simulation
 from rapidphoto_contract.tokens import TokenVerifier
+from rapidphoto_tools.cli import main
+from rapidphoto_tools.cli_common import redact_url
+from rapidphoto_tools.simulation import SimulationSpec, plan_simulation
 from tests.conftest import TEST_SECRET
 from tests.support.arq_queue import QueuedJob, queued_jobs
 from tests.support.redis_server import free_port

@@ -13,8 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.jobs import InvalidCommand, UploadJobsClient
-from rapidphoto_contract.simulation import (
+from rapidphoto_contract.jobs import InvalidCommand
+from rapidphoto_tools.client import UploadJobsClient
+from rapidphoto_tools.simulation import (
     FAILURE_REASONS,
     ApplyWatch,
     SimulationSpec,

@@ -15,7 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.jobs import QUEUE_NAME, UploadJobsClient
+from rapidphoto_contract.jobs import QUEUE_NAME
+from rapidphoto_tools.client import UploadJobsClient
 from tests.support.processes import start_worker
 from tests.support.worker import (
     WORKER_READY_LINE,

@@ -15,7 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.jobs import QUEUE_NAME, CompletePhotoUpload, UploadJobsClient
+from rapidphoto_contract.jobs import QUEUE_NAME, CompletePhotoUpload
+from rapidphoto_tools.client import UploadJobsClient
 from rapidphoto_worker import commands
 from rapidphoto_worker.main import JOB_TIMEOUT_SECONDS
 from tests.support.processes import start_worker

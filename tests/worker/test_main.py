@@ -23,11 +23,11 @@ from rapidphoto_contract.jobs import (
     JOB_NAMES,
     QUEUE_NAME,
     START_UPLOAD_SESSION,
-    UploadJobsClient,
     deserialize_job,
     serialize_job,
 )
 from rapidphoto_contract.settings import ConfigError
+from rapidphoto_tools.client import UploadJobsClient
 from rapidphoto_worker import commands, main
 from rapidphoto_worker.context import CTX_KEY
 from rapidphoto_worker.worker import BatchClaimWorker

@@ -8,7 +8,7 @@ from typing import Any
 import arq
 import redis.asyncio as aioredis
 
-from rapidphoto_contract.jobs import UploadJobsClient
+from rapidphoto_tools.client import UploadJobsClient
 from rapidphoto_worker.context import CTX_KEY
 from rapidphoto_worker.worker import BatchClaimWorker
 from tests.support.redis_server import RedisServer

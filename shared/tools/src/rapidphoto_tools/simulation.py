@@ -21,13 +21,9 @@ from typing import Final, TextIO
 import attrs
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.jobs import (
-    MAX_TOTAL_PHOTOS,
-    InvalidCommand,
-    StartUploadSession,
-    UploadJobsClient,
-)
+from rapidphoto_contract.jobs import MAX_TOTAL_PHOTOS, InvalidCommand, StartUploadSession
 from rapidphoto_contract.redis_cancel import raise_if_cancelled
+from rapidphoto_tools.client import UploadJobsClient
 
 #: Failure reasons drawn at random, so a demo shows more than one kind.
 FAILURE_REASONS: Final = (

@@ -1,0 +1,1 @@
+"""rapidphoto_tools: the enqueue client, the ``rapidphoto`` CLI and the simulated pipeline."""

@@ -1,0 +1,105 @@
+"""``rapidphoto token|start|complete|fail``: a development token, one hand-made job."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Final
+
+from arq.jobs import Job
+
+from rapidphoto_contract.ids import validate_id
+from rapidphoto_contract.jobs import CompletePhotoUpload, FailPhotoUpload, StartUploadSession
+from rapidphoto_contract.settings import ConfigError, Settings
+from rapidphoto_contract.tokens import mint_for_settings
+from rapidphoto_tools.cli_common import EXIT_OK, int_between, with_jobs
+
+#: A development token lives a year at most; longer is a typo.
+MAX_TTL_SECONDS: Final = 366 * 86_400
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``token``, ``start``, ``complete`` and ``fail`` to the subcommands ``sub``."""
+    token = sub.add_parser("token", help="print a development token for a user (JWT_SECRET)")
+    token.add_argument("user_id")
+    token.add_argument(
+        "--ttl",
+        type=int_between(1, MAX_TTL_SECONDS),
+        default=3600,
+        help="lifetime in seconds (default 3600)",
+    )
+    token.set_defaults(run=_token)
+
+    start = sub.add_parser("start", help="enqueue start_upload_session; prints the job id")
+    start.add_argument("session_id")
+    start.add_argument("user_id")
+    start.add_argument("total", type=int, help="total photos, 1..10000")
+    start.set_defaults(run=_start)
+
+    complete = sub.add_parser("complete", help="enqueue complete_photo_upload; prints the job id")
+    complete.add_argument("session_id")
+    complete.add_argument("photo_id")
+    complete.set_defaults(run=_complete)
+
+    fail = sub.add_parser("fail", help="enqueue fail_photo_upload; prints the job id")
+    fail.add_argument("session_id")
+    fail.add_argument("photo_id")
+    fail.add_argument("reason")
+    fail.set_defaults(run=_fail)
+
+
+def _token(args: argparse.Namespace) -> int:
+    user_id = validate_id("user_id", args.user_id)
+    settings = Settings.from_env()
+    if settings.jwt_secret is None:
+        raise ConfigError(
+            "JWT_SECRET", "not set; `rapidphoto token` signs development tokens with it"
+        )
+    try:
+        token = mint_for_settings(user_id, settings, ttl_seconds=args.ttl)
+    except ValueError as exc:  # no HS* algorithm listed
+        raise ConfigError("JWT_ALGORITHMS", str(exc)) from None
+    print(token)
+    return EXIT_OK
+
+
+def _print_job(job: Job) -> int:
+    print(job.job_id)
+    return EXIT_OK
+
+
+def _start(args: argparse.Namespace) -> int:
+    # Validated before connecting: bad input never reaches Redis.
+    cmd = StartUploadSession.parse(
+        {"session_id": args.session_id, "user_id": args.user_id, "total_photos": args.total}
+    )
+    settings = Settings.from_env()
+    return _print_job(
+        with_jobs(
+            settings.redis_url,
+            lambda jobs: jobs.start_upload_session(cmd.session_id, cmd.user_id, cmd.total_photos),
+        )
+    )
+
+
+def _complete(args: argparse.Namespace) -> int:
+    cmd = CompletePhotoUpload.parse({"session_id": args.session_id, "photo_id": args.photo_id})
+    settings = Settings.from_env()
+    return _print_job(
+        with_jobs(
+            settings.redis_url,
+            lambda jobs: jobs.complete_photo_upload(cmd.session_id, cmd.photo_id),
+        )
+    )
+
+
+def _fail(args: argparse.Namespace) -> int:
+    cmd = FailPhotoUpload.parse(
+        {"session_id": args.session_id, "photo_id": args.photo_id, "reason": args.reason}
+    )
+    settings = Settings.from_env()
+    return _print_job(
+        with_jobs(
+            settings.redis_url,
+            lambda jobs: jobs.fail_photo_upload(cmd.session_id, cmd.photo_id, cmd.reason),
+        )
+    )
