@@ -24,13 +24,13 @@ import sys
 
 from litestar.types import ASGIApp
 
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig
 from rapidphoto_relay import direct, main
 from rapidphoto_relay.logs import logging_config
 
 
 def granian_app() -> ASGIApp:
-    settings = Settings.from_env()
+    settings = RelayConfig.from_env()
     settings.require_jwt_key()
     logging.config.dictConfig(logging_config())
     return main.asgi_app(settings)

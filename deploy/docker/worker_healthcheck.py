@@ -23,13 +23,13 @@ from arq.worker import async_check_health
 from redis.exceptions import RedisError
 
 from rapidphoto_contract.jobs import QUEUE_NAME
-from rapidphoto_contract.settings import ConfigError, Settings
+from rapidphoto_contract.settings import ConfigError, WorkerConfig
 
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="worker health check: %(message)s")
     try:
-        url = Settings.from_env().redis_url
+        url = WorkerConfig.from_env().redis_url
         redis = RedisSettings.from_dsn(url)
     except (ConfigError, ValueError) as exc:
         print(f"worker health check: {exc}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Settings of PROTOCOL §2: defaults, parsing of every variable, errors naming the variable."""
+"""RelayConfig of PROTOCOL §2: defaults, parsing of every variable, errors naming the variable, and
+which process reads which (RelayConfig, WorkerConfig and the groups they are built from)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,27 @@ from pathlib import Path
 import attrs
 import pytest
 
-from rapidphoto_contract.settings import ConfigError, Settings, env_value
+from rapidphoto_contract.settings import (
+    ConfigError,
+    JwtConfig,
+    ListenConfig,
+    RedisConfig,
+    RelayConfig,
+    SessionConfig,
+    WorkerConfig,
+    env_value,
+)
 from tests.support.keypairs import KeyPair
 
 SECRET = "s3cr3t-value-that-must-never-be-printed"
 
 
 def test_defaults_match_the_spec_table() -> None:
-    s = Settings.from_env({})
-    assert s == Settings()
-    assert attrs.asdict(s) == {
+    s = RelayConfig.from_env({})
+    assert s == RelayConfig()
+    worker = WorkerConfig.from_env({})
+    assert worker == WorkerConfig()
+    assert attrs.asdict(s) | attrs.asdict(worker) == {
         "redis_url": "redis://127.0.0.1:6379/0",
         "jwt_secret": None,
         "jwt_public_key": None,
@@ -68,14 +80,15 @@ def test_blank_values_mean_the_default() -> None:
         ),
         "  ",
     )
-    assert Settings.from_env(blank) == Settings()
+    assert RelayConfig.from_env(blank) == RelayConfig()
+    assert WorkerConfig.from_env(blank) == WorkerConfig()
 
 
 def test_blank_jwt_algorithms_means_hs256() -> None:
     """Regression: a set-but-empty ``JWT_ALGORITHMS`` failed start-up ("must list at least one
     algorithm") while every other blank variable meant its default."""
-    assert Settings.from_env({"JWT_ALGORITHMS": ""}).jwt_algorithms == ("HS256",)
-    assert Settings.from_env({"JWT_ALGORITHMS": "  "}).jwt_algorithms == ("HS256",)
+    assert RelayConfig.from_env({"JWT_ALGORITHMS": ""}).jwt_algorithms == ("HS256",)
+    assert RelayConfig.from_env({"JWT_ALGORITHMS": "  "}).jwt_algorithms == ("HS256",)
 
 
 def test_every_variable_is_parsed(rsa_keys: KeyPair) -> None:
@@ -102,8 +115,13 @@ def test_every_variable_is_parsed(rsa_keys: KeyPair) -> None:
         "SESSION_TTL_SECONDS": "3600",
         "SESSION_LOG_MAXLEN": "200",
     }
-    s = Settings.from_env(env)
-    assert s == Settings(
+    assert WorkerConfig.from_env(env) == WorkerConfig(
+        redis_url="rediss://user:pw@redis.internal:6380/3",
+        session_ttl_seconds=3600,
+        session_log_maxlen=200,
+    )
+    s = RelayConfig.from_env(env)
+    assert s == RelayConfig(
         redis_url="rediss://user:pw@redis.internal:6380/3",
         jwt_secret=SECRET,
         jwt_public_key=rsa_keys.public_pem.strip(),
@@ -123,22 +141,25 @@ def test_every_variable_is_parsed(rsa_keys: KeyPair) -> None:
         sse_retry_ms=500,
         sse_buffer_events=64,
         relay_demo=True,
-        session_ttl_seconds=3600,
-        session_log_maxlen=200,
     )
 
 
 def test_from_env_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RELAY_PORT", "8181")
     monkeypatch.delenv("REDIS_URL", raising=False)
-    s = Settings.from_env()
+    s = RelayConfig.from_env()
     assert s.relay_port == 8181
     assert s.redis_url == "redis://127.0.0.1:6379/0"
 
 
 def test_settings_are_frozen() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        Settings().relay_port = 1  # type: ignore[misc]
+        RelayConfig().relay_port = 1  # type: ignore[misc]
+
+
+def reader_of(name: str) -> type[RelayConfig | WorkerConfig]:
+    """The process that reads ``name``: the worker the SESSION_* ones, the relay the rest."""
+    return WorkerConfig if name.startswith("SESSION_") else RelayConfig
 
 
 INT_VARS = [
@@ -160,15 +181,15 @@ INT_VARS = [
 @pytest.mark.parametrize(("name", "lo", "hi"), INT_VARS)
 def test_int_bounds_are_accepted(name: str, lo: int, hi: int) -> None:
     field = name.lower()
-    assert getattr(Settings.from_env({name: str(lo)}), field) == lo
-    assert getattr(Settings.from_env({name: f" {hi} "}), field) == hi
+    assert getattr(reader_of(name).from_env({name: str(lo)}), field) == lo
+    assert getattr(reader_of(name).from_env({name: f" {hi} "}), field) == hi
 
 
 @pytest.mark.parametrize(("name", "lo", "hi"), INT_VARS)
 @pytest.mark.parametrize("bad", ["abc", "1.5", "0x10", "1e3", "ten"])
 def test_bad_ints_name_the_variable(name: str, lo: int, hi: int, bad: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{name}: expected an integer, got '{bad}'") as info:
-        Settings.from_env({name: bad})
+        reader_of(name).from_env({name: bad})
     assert info.value.variable == name
 
 
@@ -176,26 +197,26 @@ def test_bad_ints_name_the_variable(name: str, lo: int, hi: int, bad: str) -> No
 def test_out_of_range_ints_name_the_variable(name: str, lo: int, hi: int) -> None:
     for value in (lo - 1, hi + 1):
         with pytest.raises(ConfigError, match=rf"^{name}: must be between {lo} and {hi}") as info:
-            Settings.from_env({name: str(value)})
+            reader_of(name).from_env({name: str(value)})
         assert info.value.variable == name
 
 
 @pytest.mark.parametrize("value", ["none", "None", "NONE", "HS256,none", " none "])
 def test_jwt_algorithms_never_accept_none(value: str) -> None:
     with pytest.raises(ConfigError, match=r"^JWT_ALGORITHMS: 'none' is never accepted"):
-        Settings.from_env({"JWT_ALGORITHMS": value})
+        RelayConfig.from_env({"JWT_ALGORITHMS": value})
 
 
 @pytest.mark.parametrize("value", ["HS1", "hs256", "PS256", "EdDSA", "RS256,XYZ"])
 def test_jwt_algorithms_reject_unknown(value: str) -> None:
     with pytest.raises(ConfigError, match=r"^JWT_ALGORITHMS: unsupported algorithm") as info:
-        Settings.from_env({"JWT_ALGORITHMS": value})
+        RelayConfig.from_env({"JWT_ALGORITHMS": value})
     assert info.value.variable == "JWT_ALGORITHMS"
 
 
 def test_jwt_algorithms_of_only_commas_fail() -> None:
     with pytest.raises(ConfigError, match=r"^JWT_ALGORITHMS: must list at least one"):
-        Settings.from_env({"JWT_ALGORITHMS": " , ,"})
+        RelayConfig.from_env({"JWT_ALGORITHMS": " , ,"})
 
 
 @pytest.mark.parametrize(
@@ -203,13 +224,13 @@ def test_jwt_algorithms_of_only_commas_fail() -> None:
     ["redis://localhost", "redis://:pw@h:1/2", "rediss://h:6380/0", "unix:///tmp/redis.sock"],
 )
 def test_redis_url_schemes_accepted(url: str) -> None:
-    assert Settings.from_env({"REDIS_URL": url}).redis_url == url
+    assert RelayConfig.from_env({"REDIS_URL": url}).redis_url == url
 
 
 @pytest.mark.parametrize("url", ["http://localhost:6379", "localhost:6379", "tcp://h:1", "REDIS"])
 def test_redis_url_bad_scheme_names_the_variable(url: str) -> None:
     with pytest.raises(ConfigError, match=r"^REDIS_URL: must start with redis://") as info:
-        Settings.from_env({"REDIS_URL": url})
+        RelayConfig.from_env({"REDIS_URL": url})
     assert info.value.variable == "REDIS_URL"
 
 
@@ -221,13 +242,13 @@ def test_redis_url_bad_scheme_names_the_variable(url: str) -> None:
     ],
 )
 def test_relay_demo_flag(raw: str, value: bool) -> None:
-    assert Settings.from_env({"RELAY_DEMO": raw}).relay_demo is value
+    assert RelayConfig.from_env({"RELAY_DEMO": raw}).relay_demo is value
 
 
 @pytest.mark.parametrize("raw", ["2", "maybe", "y", "enabled", "-1"])
 def test_relay_demo_garbage_names_the_variable(raw: str) -> None:
     with pytest.raises(ConfigError, match=r"^RELAY_DEMO: expected 0 or 1") as info:
-        Settings.from_env({"RELAY_DEMO": raw})
+        RelayConfig.from_env({"RELAY_DEMO": raw})
     assert info.value.variable == "RELAY_DEMO"
 
 
@@ -236,14 +257,14 @@ def test_bad_cookie_names(name: str) -> None:
     """``cookié`` is a regression: ``str.isalnum`` alone let non-ASCII letters through, and a
     cookie name must be an RFC 6265 token (ASCII)."""
     with pytest.raises(ConfigError, match=r"^JWT_COOKIE_NAME: not a valid cookie name"):
-        Settings.from_env({"JWT_COOKIE_NAME": name})
+        RelayConfig.from_env({"JWT_COOKIE_NAME": name})
 
 
 # --- JWT_PUBLIC_KEY ------------------------------------------------------------------------------
 
 
 def test_public_key_inline(rsa_keys: KeyPair) -> None:
-    s = Settings.from_env({"JWT_PUBLIC_KEY": rsa_keys.public_pem, "JWT_ALGORITHMS": "RS256"})
+    s = RelayConfig.from_env({"JWT_PUBLIC_KEY": rsa_keys.public_pem, "JWT_ALGORITHMS": "RS256"})
     assert s.jwt_public_key == rsa_keys.public_pem.strip()
 
 
@@ -251,14 +272,14 @@ def test_public_key_inline_with_escaped_newlines(ec_keys: KeyPair) -> None:
     """One-line env files (docker ``--env-file``) write the PEM's newlines as ``\\n``."""
     one_line = ec_keys.public_pem.strip().replace("\n", "\\n")
     assert "\n" not in one_line
-    s = Settings.from_env({"JWT_PUBLIC_KEY": one_line})
+    s = RelayConfig.from_env({"JWT_PUBLIC_KEY": one_line})
     assert s.jwt_public_key == ec_keys.public_pem.strip()
 
 
 def test_public_key_from_a_file(tmp_path: Path, rsa_keys: KeyPair) -> None:
     path = tmp_path / "relay.pub.pem"
     path.write_text(rsa_keys.public_pem)
-    s = Settings.from_env({"JWT_PUBLIC_KEY": str(path)})
+    s = RelayConfig.from_env({"JWT_PUBLIC_KEY": str(path)})
     assert s.jwt_public_key == rsa_keys.public_pem
 
 
@@ -267,20 +288,20 @@ def test_public_key_path_missing(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"^JWT_PUBLIC_KEY: not a PEM and not a readable file"
     ) as info:
-        Settings.from_env({"JWT_PUBLIC_KEY": str(missing)})
+        RelayConfig.from_env({"JWT_PUBLIC_KEY": str(missing)})
     assert info.value.variable == "JWT_PUBLIC_KEY"
 
 
 def test_public_key_path_is_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY: not a PEM and not a readable file"):
-        Settings.from_env({"JWT_PUBLIC_KEY": str(tmp_path)})
+        RelayConfig.from_env({"JWT_PUBLIC_KEY": str(tmp_path)})
 
 
 def test_public_key_file_not_pem(tmp_path: Path) -> None:
     path = tmp_path / "key.txt"
     path.write_text("just some text\n")
     with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY: file .* holds no PEM key"):
-        Settings.from_env({"JWT_PUBLIC_KEY": str(path)})
+        RelayConfig.from_env({"JWT_PUBLIC_KEY": str(path)})
 
 
 def test_public_key_garbage_pem_fails_at_start_up(tmp_path: Path) -> None:
@@ -288,23 +309,23 @@ def test_public_key_garbage_pem_fails_at_start_up(tmp_path: Path) -> None:
     start and then answer every token with 401 "malformed"; now start-up fails, naming the variable."""
     garbage = "-----BEGIN PUBLIC KEY-----\nbm90IGEga2V5\n-----END PUBLIC KEY-----\n"
     with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY: not a valid PEM public key"):
-        Settings.from_env({"JWT_PUBLIC_KEY": garbage})
+        RelayConfig.from_env({"JWT_PUBLIC_KEY": garbage})
     path = tmp_path / "garbage.pem"
     path.write_text(garbage)
     with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY: not a valid PEM public key"):
-        Settings.from_env({"JWT_PUBLIC_KEY": str(path)})
+        RelayConfig.from_env({"JWT_PUBLIC_KEY": str(path)})
 
 
 def test_public_key_that_is_a_private_key(rsa_keys: KeyPair) -> None:
     with pytest.raises(ConfigError, match="it holds a private key") as info:
-        Settings.from_env({"JWT_PUBLIC_KEY": rsa_keys.private_pem})
+        RelayConfig.from_env({"JWT_PUBLIC_KEY": rsa_keys.private_pem})
     assert "BEGIN" not in str(info.value)  # the key is not echoed
     assert rsa_keys.private_pem.splitlines()[1] not in str(info.value)
 
 
 def test_public_key_of_an_unsupported_type(ed25519_keys: KeyPair) -> None:
     with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY: an RSA or EC key is needed"):
-        Settings.from_env({"JWT_PUBLIC_KEY": ed25519_keys.public_pem})
+        RelayConfig.from_env({"JWT_PUBLIC_KEY": ed25519_keys.public_pem})
 
 
 # --- require_jwt_key -----------------------------------------------------------------------------
@@ -317,14 +338,14 @@ def test_short_jwt_secret_is_refused(algorithms: str, needed: int) -> None:
     """RFC 7518 §3.2 makes the key length a MUST; PyJWT only warns, once per token verified."""
     short = "k" * (needed - 1)
     with pytest.raises(ConfigError, match=rf"^JWT_SECRET: must be at least {needed} bytes") as info:
-        Settings.from_env({"JWT_SECRET": short, "JWT_ALGORITHMS": algorithms})
+        RelayConfig.from_env({"JWT_SECRET": short, "JWT_ALGORITHMS": algorithms})
     assert short not in str(info.value)
-    ok = Settings.from_env({"JWT_SECRET": "k" * needed, "JWT_ALGORITHMS": algorithms})
+    ok = RelayConfig.from_env({"JWT_SECRET": "k" * needed, "JWT_ALGORITHMS": algorithms})
     assert ok.jwt_secret == "k" * needed
 
 
 def test_short_jwt_secret_unused_without_hs(ec_keys: KeyPair) -> None:
-    s = Settings.from_env(
+    s = RelayConfig.from_env(
         {"JWT_SECRET": "short", "JWT_PUBLIC_KEY": ec_keys.public_pem, "JWT_ALGORITHMS": "ES256"}
     )
     assert s.jwt_secret == "short"
@@ -332,27 +353,29 @@ def test_short_jwt_secret_unused_without_hs(ec_keys: KeyPair) -> None:
 
 def test_require_jwt_key_without_any_key() -> None:
     with pytest.raises(ConfigError, match=r"^JWT_SECRET: set JWT_SECRET .* or JWT_PUBLIC_KEY"):
-        Settings.from_env({}).require_jwt_key()
+        RelayConfig.from_env({}).require_jwt_key()
 
 
 def test_require_jwt_key_hs_without_secret(rsa_keys: KeyPair) -> None:
-    s = Settings.from_env({"JWT_PUBLIC_KEY": rsa_keys.public_pem, "JWT_ALGORITHMS": "HS256,RS256"})
+    s = RelayConfig.from_env(
+        {"JWT_PUBLIC_KEY": rsa_keys.public_pem, "JWT_ALGORITHMS": "HS256,RS256"}
+    )
     with pytest.raises(ConfigError, match=r"^JWT_SECRET: required by the HS"):
         s.require_jwt_key()
 
 
 def test_require_jwt_key_rs_without_public_key() -> None:
-    s = Settings.from_env({"JWT_SECRET": SECRET, "JWT_ALGORITHMS": "RS256"})
+    s = RelayConfig.from_env({"JWT_SECRET": SECRET, "JWT_ALGORITHMS": "RS256"})
     with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY: required by the RS"):
         s.require_jwt_key()
 
 
 def test_require_jwt_key_satisfied(rsa_keys: KeyPair) -> None:
-    Settings.from_env({"JWT_SECRET": SECRET}).require_jwt_key()
-    Settings.from_env(
+    RelayConfig.from_env({"JWT_SECRET": SECRET}).require_jwt_key()
+    RelayConfig.from_env(
         {"JWT_PUBLIC_KEY": rsa_keys.public_pem, "JWT_ALGORITHMS": "RS256"}
     ).require_jwt_key()
-    Settings.from_env(
+    RelayConfig.from_env(
         {
             "JWT_SECRET": SECRET,
             "JWT_PUBLIC_KEY": rsa_keys.public_pem,
@@ -365,7 +388,7 @@ def test_require_jwt_key_satisfied(rsa_keys: KeyPair) -> None:
 
 
 def test_repr_never_shows_the_secret_or_key(rsa_keys: KeyPair) -> None:
-    s = Settings.from_env({"JWT_SECRET": SECRET, "JWT_PUBLIC_KEY": rsa_keys.public_pem})
+    s = RelayConfig.from_env({"JWT_SECRET": SECRET, "JWT_PUBLIC_KEY": rsa_keys.public_pem})
     for text in (repr(s), str(s), f"{s}", f"{s!r}"):
         assert SECRET not in text
         assert "BEGIN PUBLIC KEY" not in text
@@ -390,3 +413,73 @@ def test_env_value() -> None:
     with pytest.raises(ConfigError, match=r"^WORKER_MAX_JOBS: invalid literal") as info:
         env_value({"WORKER_MAX_JOBS": "x"}, "WORKER_MAX_JOBS", int, 10)
     assert info.value.variable == "WORKER_MAX_JOBS"
+
+
+# --- each process reads what it uses ---------------------------------------------------------------
+
+#: Invalid values for every variable only the relay reads.
+BAD_RELAY_ONLY = {
+    "JWT_SECRET": "short",
+    "JWT_ALGORITHMS": "none",
+    "JWT_PUBLIC_KEY": "/nonexistent/key.pem",
+    "JWT_COOKIE_NAME": "a b",
+    "JWT_LEEWAY_SECONDS": "x",
+    "RELAY_HOST": "",
+    "RELAY_PORT": "x",
+    "RELAY_MAX_CONNECTIONS": "x",
+    "RELAY_MAX_CONNECTIONS_PER_USER": "x",
+    "RELAY_REQUEST_HEAD_TIMEOUT_SECONDS": "x",
+    "RELAY_MAX_PENDING_CONNECTIONS": "x",
+    "SSE_HEARTBEAT_SECONDS": "x",
+    "SSE_RETRY_MS": "x",
+    "SSE_BUFFER_EVENTS": "x",
+    "RELAY_DEMO": "maybe",
+}
+
+
+def test_the_worker_reads_no_jwt_and_no_relay_variable() -> None:
+    """The worker needs no JWT_SECRET: nothing of the relay's can stop it."""
+    worker = WorkerConfig.from_env({**BAD_RELAY_ONLY, "SESSION_TTL_SECONDS": "60"})
+    assert worker == WorkerConfig(session_ttl_seconds=60)
+    assert not hasattr(worker, "jwt_secret")
+    assert not hasattr(worker, "sse_retry_ms")
+
+
+def test_the_relay_reads_no_session_variable() -> None:
+    relay = RelayConfig.from_env({"SESSION_TTL_SECONDS": "x", "SESSION_LOG_MAXLEN": "0"})
+    assert relay == RelayConfig()
+    assert not hasattr(relay, "session_ttl_seconds")
+
+
+def test_groups_read_only_their_own_variables() -> None:
+    """What the CLI reads: enqueueing needs REDIS_URL alone, minting a token the JWT_* alone."""
+    assert RedisConfig.from_env({**BAD_RELAY_ONLY, "REDIS_URL": "unix:///r.sock"}) == RedisConfig(
+        redis_url="unix:///r.sock"
+    )
+    assert JwtConfig.from_env({"REDIS_URL": "http://x", "JWT_SECRET": SECRET}) == JwtConfig(
+        jwt_secret=SECRET
+    )
+    assert ListenConfig.from_env({"REDIS_URL": "http://x", "RELAY_PORT": "1"}).relay_port == 1
+    assert SessionConfig.from_env({"REDIS_URL": "http://x"}) == SessionConfig()
+
+
+def test_a_variable_means_the_same_in_every_group_that_reads_it(rsa_keys: KeyPair) -> None:
+    env = {
+        "REDIS_URL": "redis://r:1/2",
+        "JWT_PUBLIC_KEY": rsa_keys.public_pem,
+        "JWT_ALGORITHMS": "RS256",
+        "RELAY_PORT": "9",
+        "SESSION_LOG_MAXLEN": "5",
+    }
+    relay, worker = RelayConfig.from_env(env), WorkerConfig.from_env(env)
+    for group, whole in (
+        (RedisConfig, relay),
+        (RedisConfig, worker),
+        (JwtConfig, relay),
+        (ListenConfig, relay),
+        (SessionConfig, worker),
+    ):
+        part = group.from_env(env)
+        assert isinstance(whole, group)
+        for field in attrs.fields(group):
+            assert getattr(part, field.name) == getattr(whole, field.name), field.name

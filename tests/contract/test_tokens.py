@@ -12,7 +12,7 @@ from typing import Any
 import jwt
 import pytest
 
-from rapidphoto_contract.settings import ConfigError, Settings
+from rapidphoto_contract.settings import ConfigError, RelayConfig
 from rapidphoto_contract.tokens import (
     FAILURE_TEXT,
     InvalidToken,
@@ -30,7 +30,7 @@ OTHER_SECRET = "another-secret-0123456789abcdef-0123456789abcdef-0123456789abcde
 
 
 def hs_verifier(**settings: Any) -> TokenVerifier:
-    return TokenVerifier(Settings(jwt_secret=SECRET, **settings))
+    return TokenVerifier(RelayConfig(jwt_secret=SECRET, **settings))
 
 
 def b64(data: bytes) -> str:
@@ -74,21 +74,23 @@ def test_hs256_round_trip() -> None:
 
 def test_rs256_round_trip(rsa_keys: KeyPair) -> None:
     verifier = TokenVerifier(
-        Settings(jwt_public_key=rsa_keys.public_pem, jwt_algorithms=("RS256",))
+        RelayConfig(jwt_public_key=rsa_keys.public_pem, jwt_algorithms=("RS256",))
     )
     token = mint_token("u1", key=rsa_keys.private_pem, algorithm="RS256")
     assert verifier.verify(token).user_id == "u1"
 
 
 def test_es256_round_trip(ec_keys: KeyPair) -> None:
-    verifier = TokenVerifier(Settings(jwt_public_key=ec_keys.public_pem, jwt_algorithms=("ES256",)))
+    verifier = TokenVerifier(
+        RelayConfig(jwt_public_key=ec_keys.public_pem, jwt_algorithms=("ES256",))
+    )
     token = mint_token("u1", key=ec_keys.private_pem, algorithm="ES256")
     assert verifier.verify(token).user_id == "u1"
 
 
 def test_mixed_algorithms_pick_the_key_by_alg(rsa_keys: KeyPair) -> None:
     verifier = TokenVerifier(
-        Settings(
+        RelayConfig(
             jwt_secret=SECRET,
             jwt_public_key=rsa_keys.public_pem,
             jwt_algorithms=("HS256", "RS256"),
@@ -127,9 +129,9 @@ def test_issuer_and_audience_accepted_when_they_match() -> None:
 
 def test_verifier_needs_a_key() -> None:
     with pytest.raises(ConfigError, match="JWT_SECRET"):
-        TokenVerifier(Settings())
+        TokenVerifier(RelayConfig())
     with pytest.raises(ConfigError, match="JWT_PUBLIC_KEY"):
-        TokenVerifier(Settings(jwt_secret=SECRET, jwt_algorithms=("ES256",)))
+        TokenVerifier(RelayConfig(jwt_secret=SECRET, jwt_algorithms=("ES256",)))
 
 
 # --- failures ------------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def test_bad_signature_tampered_claims() -> None:
 
 def test_bad_signature_rs256(rsa_keys: KeyPair) -> None:
     verifier = TokenVerifier(
-        Settings(jwt_public_key=rsa_keys.public_pem, jwt_algorithms=("RS256",))
+        RelayConfig(jwt_public_key=rsa_keys.public_pem, jwt_algorithms=("RS256",))
     )
     other = rsa_pair()
     expect_failure(
@@ -162,7 +164,9 @@ def test_bad_signature_rs256(rsa_keys: KeyPair) -> None:
 
 
 def test_bad_signature_es256(ec_keys: KeyPair) -> None:
-    verifier = TokenVerifier(Settings(jwt_public_key=ec_keys.public_pem, jwt_algorithms=("ES256",)))
+    verifier = TokenVerifier(
+        RelayConfig(jwt_public_key=ec_keys.public_pem, jwt_algorithms=("ES256",))
+    )
     other = ec_pair()
     expect_failure(
         verifier, mint_token("u1", key=other.private_pem, algorithm="ES256"), "bad-signature"
@@ -200,9 +204,9 @@ def test_alg_none_is_refused(alg: str) -> None:
     token = hand_made({"alg": alg, "typ": "JWT"}, {"sub": "u1", "exp": int(time.time()) + 600})
     assert token.endswith(".")
     expect_failure(hs_verifier(), token, "algorithm")
-    # Even when (wrongly) asked to: Settings refuses to list it at all.
+    # Even when (wrongly) asked to: RelayConfig refuses to list it at all.
     with pytest.raises(ConfigError, match="none"):
-        Settings.from_env({"JWT_ALGORITHMS": alg})
+        RelayConfig.from_env({"JWT_ALGORITHMS": alg})
 
 
 def test_header_without_alg() -> None:
@@ -226,10 +230,12 @@ def test_algorithm_confusion_with_the_public_key_as_hmac_secret(rsa_keys: KeyPai
     body = b64(json.dumps(claims).encode())
     sig = hmac.new(rsa_keys.public_pem.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
     token = f"{head}.{body}.{b64(sig)}"
-    rs_only = TokenVerifier(Settings(jwt_public_key=rsa_keys.public_pem, jwt_algorithms=("RS256",)))
+    rs_only = TokenVerifier(
+        RelayConfig(jwt_public_key=rsa_keys.public_pem, jwt_algorithms=("RS256",))
+    )
     expect_failure(rs_only, token, "algorithm")
     both = TokenVerifier(
-        Settings(
+        RelayConfig(
             jwt_secret=SECRET, jwt_public_key=rsa_keys.public_pem, jwt_algorithms=("HS256", "RS256")
         )
     )
@@ -241,7 +247,7 @@ def test_listed_algorithm_that_does_not_fit_the_key(rsa_keys: KeyPair, ec_keys: 
     raise ``InvalidKeyError``, which is not an ``InvalidTokenError``: it escaped ``verify`` (a 500
     in the relay instead of a 401)."""
     verifier = TokenVerifier(
-        Settings(jwt_public_key=ec_keys.public_pem, jwt_algorithms=("RS256", "ES256"))
+        RelayConfig(jwt_public_key=ec_keys.public_pem, jwt_algorithms=("RS256", "ES256"))
     )
     token = mint_token("u1", key=rsa_keys.private_pem, algorithm="RS256")
     expect_failure(verifier, token, "algorithm")
@@ -336,7 +342,7 @@ def test_leeway_honoured_for_iat() -> None:
 
 
 def test_mint_for_settings_is_accepted_by_the_same_settings() -> None:
-    settings = Settings(
+    settings = RelayConfig(
         jwt_secret=SECRET,
         jwt_algorithms=("RS256", "HS384"),
         jwt_issuer="iss",
@@ -345,7 +351,9 @@ def test_mint_for_settings_is_accepted_by_the_same_settings() -> None:
     token = mint_for_settings("u1", settings, ttl_seconds=60)
     assert jwt.get_unverified_header(token)["alg"] == "HS384"
     principal = TokenVerifier(
-        Settings(jwt_secret=SECRET, jwt_algorithms=("HS384",), jwt_issuer="iss", jwt_audience="aud")
+        RelayConfig(
+            jwt_secret=SECRET, jwt_algorithms=("HS384",), jwt_issuer="iss", jwt_audience="aud"
+        )
     ).verify(token)
     assert principal.user_id == "u1"
     assert principal.expires_at - time.time() == pytest.approx(60, abs=2)
@@ -353,9 +361,9 @@ def test_mint_for_settings_is_accepted_by_the_same_settings() -> None:
 
 def test_mint_for_settings_needs_a_secret_and_an_hs_algorithm(rsa_keys: KeyPair) -> None:
     with pytest.raises(ValueError, match="JWT_SECRET"):
-        mint_for_settings("u1", Settings())
+        mint_for_settings("u1", RelayConfig())
     with pytest.raises(ValueError, match="HS"):
-        mint_for_settings("u1", Settings(jwt_secret=SECRET, jwt_algorithms=("RS256",)))
+        mint_for_settings("u1", RelayConfig(jwt_secret=SECRET, jwt_algorithms=("RS256",)))
 
 
 def test_failure_texts_cover_every_reason() -> None:

@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 from deploy.render_nginx import LOCATIONS, TEMPLATE, placeholders, relay_servers
 
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig, WorkerConfig
 from tests.deploy.files import (
     DEPLOYABLES,
     ENV_EXAMPLE,
@@ -60,11 +60,23 @@ class _Recording(dict[str, str]):
         return super().__contains__(key)
 
 
-def settings_variables() -> set[str]:
-    """Every variable ``Settings.from_env`` reads: PROTOCOL §2's names, as the code spells them."""
+def variables_read_by(config: type[RelayConfig | WorkerConfig]) -> set[str]:
+    """Every variable ``config.from_env`` reads: PROTOCOL §2's names, as the code spells them."""
     env = _Recording()
-    Settings.from_env(env)
+    config.from_env(env)
     return env.asked
+
+
+#: What each deployable reads.
+READS: dict[str, type[RelayConfig | WorkerConfig]] = {
+    "rapidphoto-relay": RelayConfig,
+    "rapidphoto-worker": WorkerConfig,
+}
+
+
+def settings_variables() -> set[str]:
+    """Every variable a deployable reads."""
+    return set().union(*(variables_read_by(config) for config in READS.values()))
 
 
 def example_env() -> dict[str, str]:
@@ -95,6 +107,12 @@ def test_settings_variables_are_spec_section_2() -> None:
     assert {"REDIS_URL", "JWT_SECRET", "RELAY_PORT", "SESSION_LOG_MAXLEN"} <= names
     # PROTOCOL §2's table: 19 names; and the request head deadline and pending cap (issue 9)
     assert len(names) == 21
+
+
+def test_each_deployable_reads_what_it_uses() -> None:
+    relay, worker = variables_read_by(RelayConfig), variables_read_by(WorkerConfig)
+    assert relay & worker == {"REDIS_URL"}
+    assert worker == {"REDIS_URL", "SESSION_TTL_SECONDS", "SESSION_LOG_MAXLEN"}
 
 
 # --- schema ----------------------------------------------------------------------------------------
@@ -136,14 +154,16 @@ def test_our_services_set_only_variables_the_code_reads(compose: dict[str, Any])
     for package in DEPLOYABLES:
         found = list(services(compose, package))
         assert found, f"no service runs {package}"
+        reads = variables_read_by(READS[package])
+        assert reads <= names
         for name, service in found:
-            unknown = set(environment_of(service)) - names
+            unknown = set(environment_of(service)) - reads
             assert not unknown, f"{name} sets {sorted(unknown)}, which no setting reads"
 
 
 def test_every_relay_setting_is_configurable(compose: dict[str, Any]) -> None:
     for name, service in relay_services(compose).items():
-        assert set(environment_of(service)) == settings_variables(), name
+        assert set(environment_of(service)) == variables_read_by(RelayConfig), name
 
 
 def test_workers_get_no_secrets(compose: dict[str, Any]) -> None:
@@ -156,8 +176,8 @@ def test_compose_defaults_are_the_spec_defaults() -> None:
     """With nothing in .env but the secret, the relays run on PROTOCOL §2's defaults."""
     resolved = compose_resolved({"JWT_SECRET": SECRET})
     for name, service in relay_services(resolved).items():
-        settings = Settings.from_env(environment_of(service))
-        expected = Settings(
+        settings = RelayConfig.from_env(environment_of(service))
+        expected = RelayConfig(
             redis_url="redis://redis:6379/0", jwt_secret=SECRET, relay_host="0.0.0.0"
         )
         assert settings == expected, name
@@ -180,7 +200,8 @@ def test_env_example_holds_no_secret_and_spec_defaults() -> None:
     assert example["JWT_SECRET"] == ""
     assert example["JWT_PUBLIC_KEY"] == ""
     spec = {k: v for k, v in example.items() if k not in COMPOSE_ONLY}
-    assert Settings.from_env(spec) == Settings()
+    assert RelayConfig.from_env(spec) == RelayConfig()
+    assert WorkerConfig.from_env(spec) == WorkerConfig()
 
 
 def test_dot_env_is_never_committed() -> None:
@@ -307,9 +328,9 @@ def test_redis_keeps_state_and_logs_across_restarts(compose: dict[str, Any]) -> 
 
 _ROUTES = """
 import json, sys
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig
 from rapidphoto_relay.app import create_app
-app = create_app(Settings(jwt_secret=sys.argv[1]))
+app = create_app(RelayConfig(jwt_secret=sys.argv[1]))
 print(json.dumps(sorted({route.path for route in app.routes})))
 """
 

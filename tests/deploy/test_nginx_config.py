@@ -25,7 +25,7 @@ from deploy.render_nginx import (
     render,
 )
 
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig
 from tests.deploy.nginx_conf import Directive, find, one, parse, seconds, walk
 from tests.support.nginx import NginxServer, nginx_binary
 from tests.support.processes import wait_until
@@ -87,7 +87,7 @@ def test_stream_location_passes_events_through_unbuffered(http_block: list[Direc
     assert "text/event-stream" not in one(http_block, "gzip_types")["args"]
     # Longer than the heartbeat, or nginx would cut idle-but-alive streams.
     read_timeout = seconds(one(location, "proxy_read_timeout")["args"][0])
-    assert read_timeout >= 3600 > 4 * Settings().sse_heartbeat_seconds
+    assert read_timeout >= 3600 > 4 * RelayConfig().sse_heartbeat_seconds
 
 
 def test_upstream_keepalive_and_http11(http_block: list[Directive]) -> None:

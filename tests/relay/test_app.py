@@ -10,13 +10,15 @@ from typing import Any, cast
 
 from litestar.exceptions import HTTPException, ValidationException
 
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig
 from rapidphoto_relay.app import create_app
 from tests.conftest import TEST_SECRET
 
 
-def _settings() -> Settings:
-    return Settings.from_env({"JWT_SECRET": TEST_SECRET, "RELAY_CORS_ORIGINS": "https://a.example"})
+def _settings() -> RelayConfig:
+    return RelayConfig.from_env(
+        {"JWT_SECRET": TEST_SECRET, "RELAY_CORS_ORIGINS": "https://a.example"}
+    )
 
 
 def test_create_app_emits_no_warnings() -> None:
@@ -32,9 +34,9 @@ def test_create_app_emits_no_warnings() -> None:
 def test_importing_and_creating_the_app_is_quiet_in_a_fresh_interpreter() -> None:
     """Import-time warnings fire once per process: only a fresh interpreter sees them all."""
     code = (
-        "from rapidphoto_contract.settings import Settings\n"
+        "from rapidphoto_contract.settings import RelayConfig\n"
         "from rapidphoto_relay.app import create_app\n"
-        "create_app(Settings.from_env()).openapi_schema\n"
+        "create_app(RelayConfig.from_env()).openapi_schema\n"
     )
     env = {**os.environ, "JWT_SECRET": TEST_SECRET}
     done = subprocess.run(

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from litestar.connection import ASGIConnection
 
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig
 from rapidphoto_contract.tokens import FAILURE_TEXT, TokenVerifier, mint_token
 from rapidphoto_relay.auth import QUERY_PARAMETER, Authenticator, find_token
 from rapidphoto_relay.errors import Unauthorized
@@ -25,7 +25,7 @@ from tests.relay.conftest import Relay
 PROPERTY = settings(max_examples=400, deadline=None)
 COOKIE = "access_token"
 AUTHENTICATOR = Authenticator(
-    TokenVerifier(Settings(jwt_secret=TEST_SECRET)), COOKIE, RelayMetrics()
+    TokenVerifier(RelayConfig(jwt_secret=TEST_SECRET)), COOKIE, RelayMetrics()
 )
 #: Every text a 401 body may hold: fixed sentences, so a token can never be echoed.
 MESSAGES = {*FAILURE_TEXT.values(), "authentication required: send a bearer token"}

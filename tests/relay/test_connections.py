@@ -17,7 +17,7 @@ from typing import cast
 import pytest
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig
 from rapidphoto_relay.connections import (
     HeadDeadlineProtocol,
     PendingConnections,
@@ -97,7 +97,7 @@ async def test_half_sent_heads_are_closed_at_the_deadline(
 ) -> None:
     """2,000 half-sent heads, one silent connection and one keep-alive connection that half-sends
     its second request: all closed by the default 5 s head deadline, while streams are served."""
-    deadline = Settings().relay_request_head_timeout_seconds
+    deadline = RelayConfig().relay_request_head_timeout_seconds
     relay = relay_factory(RELAY_MAX_PENDING_CONNECTIONS="10000")  # this test is not about the cap
     held: list[Held] = []
     try:

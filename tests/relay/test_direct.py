@@ -18,7 +18,7 @@ import uvicorn
 from litestar.types import Receive, Scope, Send
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig
 from rapidphoto_contract.tokens import mint_token
 from rapidphoto_relay.direct import (
     SERVER_SEND_KEY,
@@ -195,7 +195,7 @@ async def test_closed_streams_leave_no_reference_cycles(relay_redis: RedisServer
     uvicorn's connection object holds, so every closed stream left ~20 objects in a reference
     cycle. Only the full collector frees those, and with 10,000 streams and 100 reconnections/s
     it ran every ~25 s for ~1 s, stalling every stream of the relay."""
-    settings = Settings.from_env({"REDIS_URL": relay_redis.url, "JWT_SECRET": TEST_SECRET})
+    settings = RelayConfig.from_env({"REDIS_URL": relay_redis.url, "JWT_SECRET": TEST_SECRET})
     token = mint_token("gc-user", key=TEST_SECRET)
     request = (
         f"GET {NOTIFICATIONS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"

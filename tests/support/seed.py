@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from rapidphoto_contract import keys
 from rapidphoto_contract.jobs import CompletePhotoUpload, FailPhotoUpload, StartUploadSession
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import WorkerConfig
 from rapidphoto_worker import commands
 from rapidphoto_worker.commands import CommandResult
 from rapidphoto_worker.context import WorkerContext
@@ -70,7 +70,7 @@ class Seeder:
 @asynccontextmanager
 async def seeder(redis_url: str, **settings: Any) -> AsyncIterator[Seeder]:
     """A :class:`Seeder` on ``redis_url``; ``settings`` override e.g. ``session_log_maxlen``."""
-    ctx = await WorkerContext.create(attrs.evolve(Settings(redis_url=redis_url), **settings))
+    ctx = await WorkerContext.create(attrs.evolve(WorkerConfig(redis_url=redis_url), **settings))
     raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         yield Seeder(ctx, raw)

@@ -29,7 +29,7 @@ from redis.asyncio import ConnectionPool
 
 from rapidphoto_contract import keys
 from rapidphoto_contract.jobs import QUEUE_NAME, deserialize_job, serialize_job
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import WorkerConfig
 from rapidphoto_worker.context import WorkerContext
 from rapidphoto_worker.main import SETTINGS_CTX_KEY, WorkerSettings
 from rapidphoto_worker.worker import BatchClaimWorker
@@ -38,13 +38,13 @@ from rapidphoto_worker.worker import BatchClaimWorker
 WORKER_READY_LINE = '"worker ready"'
 
 
-def worker_settings(redis_url: str, **overrides: Any) -> Settings:
-    """Settings for ``redis_url``; ``overrides`` e.g. ``session_ttl_seconds=100``."""
-    return attrs.evolve(Settings(redis_url=redis_url), **overrides)
+def worker_settings(redis_url: str, **overrides: Any) -> WorkerConfig:
+    """WorkerConfig for ``redis_url``; ``overrides`` e.g. ``session_ttl_seconds=100``."""
+    return attrs.evolve(WorkerConfig(redis_url=redis_url), **overrides)
 
 
 @asynccontextmanager
-async def worker_context(settings: Settings) -> AsyncIterator[WorkerContext]:
+async def worker_context(settings: WorkerConfig) -> AsyncIterator[WorkerContext]:
     app = await WorkerContext.create(settings)
     try:
         yield app
@@ -70,7 +70,7 @@ def arq_pool(redis_url: str) -> ArqRedis:
 
 def make_worker(
     redis_url: str,
-    settings: Settings | None = None,
+    settings: WorkerConfig | None = None,
     worker_class: type[Worker] = BatchClaimWorker,
     **overrides: Any,
 ) -> Worker:
@@ -89,7 +89,7 @@ def make_worker(
 
 async def run_worker_burst(
     redis_url: str,
-    settings: Settings | None = None,
+    settings: WorkerConfig | None = None,
     worker_class: type[Worker] = BatchClaimWorker,
     within: float = 30.0,
     **overrides: Any,
@@ -106,7 +106,7 @@ async def run_worker_burst(
 @asynccontextmanager
 async def running_worker(
     redis_url: str,
-    settings: Settings | None = None,
+    settings: WorkerConfig | None = None,
     worker_class: type[Worker] = BatchClaimWorker,
     **overrides: Any,
 ) -> AsyncIterator[Worker]:

@@ -20,7 +20,7 @@ import redis
 
 from rapidphoto_contract import keys
 from rapidphoto_contract.jobs import QUEUE_NAME
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig
 from rapidphoto_contract.tokens import TokenVerifier
 from rapidphoto_tools.cli import main
 from rapidphoto_tools.cli_common import redact_url
@@ -59,14 +59,14 @@ def jobs_of(client: redis.Redis) -> list[QueuedJob]:
 def test_token_verifies(cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["token", "alice", "--ttl", "120"]) == 0
     token = capsys.readouterr().out.strip()
-    principal = TokenVerifier(Settings.from_env()).verify(token)
+    principal = TokenVerifier(RelayConfig.from_env()).verify(token)
     assert principal.user_id == "alice"
     assert principal.expires_at - time.time() == pytest.approx(120, abs=5)
 
 
 def test_token_default_ttl_is_an_hour(cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["token", "bob"]) == 0
-    principal = TokenVerifier(Settings.from_env()).verify(capsys.readouterr().out.strip())
+    principal = TokenVerifier(RelayConfig.from_env()).verify(capsys.readouterr().out.strip())
     assert principal.expires_at - time.time() == pytest.approx(3600, abs=5)
 
 
@@ -77,7 +77,7 @@ def test_token_honours_issuer_and_audience(
     monkeypatch.setenv("JWT_AUDIENCE", "relay")
     assert main(["token", "alice"]) == 0
     token = capsys.readouterr().out.strip()
-    assert TokenVerifier(Settings.from_env()).verify(token).user_id == "alice"
+    assert TokenVerifier(RelayConfig.from_env()).verify(token).user_id == "alice"
 
 
 def test_token_without_jwt_secret(
@@ -417,7 +417,7 @@ def test_console_script(cli_env: str, r: redis.Redis) -> None:
         [str(script), "token", "alice"], env=env, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert TokenVerifier(Settings.from_env()).verify(done.stdout.strip()).user_id == "alice"
+    assert TokenVerifier(RelayConfig.from_env()).verify(done.stdout.strip()).user_id == "alice"
 
     done = subprocess.run(
         [str(script), "start", "s1", "alice", "0"],

@@ -16,7 +16,7 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.spec import Components
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig
 from rapidphoto_contract.tokens import TokenVerifier
 from rapidphoto_relay import health, streams
 from rapidphoto_relay.auth import Authenticator, security_schemes
@@ -83,7 +83,7 @@ async def demo(state: State) -> Response[bytes]:
     return Response(page, media_type=MediaType.HTML, headers=_DEMO_HEADERS)
 
 
-def create_app(settings: Settings) -> Litestar:
+def create_app(settings: RelayConfig) -> Litestar:
     """The relay app; ``settings`` is built once by the entrypoint (CONVENTIONS §4)."""
     metrics = RelayMetrics()
     authenticator = Authenticator(TokenVerifier(settings), settings.jwt_cookie_name, metrics)

@@ -23,7 +23,7 @@ import uvicorn
 from litestar import Litestar
 from litestar.types import ASGIApp
 
-from rapidphoto_contract.settings import ConfigError, Settings
+from rapidphoto_contract.settings import ConfigError, RelayConfig
 from rapidphoto_relay.app import SERVICES_STATE_KEY, create_app
 from rapidphoto_relay.connections import (
     FD_RESERVE,
@@ -72,7 +72,7 @@ class RelayServer(uvicorn.Server):
             )
 
 
-def asgi_app(settings: Settings) -> ASGIApp:
+def asgi_app(settings: RelayConfig) -> ASGIApp:
     """What uvicorn serves: the Litestar app behind the layers that must come first."""
     return _outer_layers(create_app(settings))
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="listen port (overrides RELAY_PORT)")
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = RelayConfig.from_env()
         settings.require_jwt_key()
     except ConfigError as exc:
         print(f"rapidphoto-relay: configuration error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from rapidphoto_contract.redis_cancel import cancel_safe
 from rapidphoto_contract.redis_options import pool_options
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import RelayConfig
 from rapidphoto_relay.direct import Coalescer
 from rapidphoto_relay.hub import Hub
 from rapidphoto_relay.limits import ConnectionLimits
@@ -26,7 +26,7 @@ COMMAND_POOL_SIZE = 32
 
 @attrs.define(kw_only=True)
 class RelayServices:
-    settings: Settings
+    settings: RelayConfig
     redis: aioredis.Redis
     hub: Hub
     reader: LogReader
@@ -37,7 +37,9 @@ class RelayServices:
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings, metrics: RelayMetrics) -> AsyncIterator[RelayServices]:
+async def open_services(
+    settings: RelayConfig, metrics: RelayMetrics
+) -> AsyncIterator[RelayServices]:
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=COMMAND_POOL_SIZE,

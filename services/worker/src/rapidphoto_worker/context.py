@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from rapidphoto_contract.redis_cancel import cancel_safe
 from rapidphoto_contract.redis_options import pool_options
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import WorkerConfig
 from rapidphoto_worker.scripts import Scripts, load_scripts
 
 #: Where the :class:`WorkerContext` lives in arq's ``ctx`` dict.
@@ -67,13 +67,13 @@ class WorkerContext:
     """The process's settings, its Redis client (``str`` replies), the loaded command scripts and
     the session owners it has seen."""
 
-    settings: Settings
+    settings: WorkerConfig
     redis: aioredis.Redis = attrs.field(repr=False)
     scripts: Scripts = attrs.field(repr=False)
     owners: OwnerCache = attrs.field(factory=OwnerCache, repr=False)
 
     @classmethod
-    async def create(cls, settings: Settings) -> Self:
+    async def create(cls, settings: WorkerConfig) -> Self:
         client = aioredis.Redis.from_url(
             settings.redis_url,
             decode_responses=True,

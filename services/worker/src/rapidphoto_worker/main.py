@@ -36,7 +36,7 @@ from rapidphoto_contract.jobs import (
     serialize_job,
 )
 from rapidphoto_contract.redis_options import retry_policy
-from rapidphoto_contract.settings import ConfigError, Settings
+from rapidphoto_contract.settings import ConfigError, WorkerConfig
 from rapidphoto_worker import commands
 from rapidphoto_worker.commands import CommandResult
 from rapidphoto_worker.context import CTX_KEY, WorkerContext, from_ctx
@@ -76,7 +76,7 @@ RESTART_RESET_SECONDS: Final = 60.0
 #: worker" (restart it) from "Redis was never reachable" (a wrong REDIS_URL: exit).
 STARTED_CTX_KEY: Final = "rapidphoto_started"
 
-#: main() hands the Settings it validated to on_startup through arq's ctx under this key.
+#: main() hands the WorkerConfig it validated to on_startup through arq's ctx under this key.
 SETTINGS_CTX_KEY: Final = "rapidphoto_settings"
 
 
@@ -100,8 +100,8 @@ async def _check_same_redis(pool: ArqRedis, app: WorkerContext) -> None:
 async def startup(ctx: dict[str, Any]) -> None:
     """arq ``on_startup``: build the settings (unless main() did), the Redis client, the scripts."""
     settings = ctx.get(SETTINGS_CTX_KEY)
-    if not isinstance(settings, Settings):
-        settings = Settings.from_env()
+    if not isinstance(settings, WorkerConfig):
+        settings = WorkerConfig.from_env()
     app = await WorkerContext.create(settings)
     try:
         await _check_same_redis(ctx["redis"], app)
@@ -235,7 +235,7 @@ def create_worker(**overrides: Any) -> BatchClaimWorker:
 # --- the console script --------------------------------------------------------------------------
 
 
-def redis_settings(settings: Settings) -> RedisSettings:
+def redis_settings(settings: WorkerConfig) -> RedisSettings:
     """arq's connection settings for ``REDIS_URL``."""
     try:
         parsed = RedisSettings.from_dsn(settings.redis_url)
@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = parser.parse_args(argv)
     configure_logging()
     try:
-        settings = Settings.from_env()
+        settings = WorkerConfig.from_env()
         arq_redis = redis_settings(settings)
     except ConfigError as exc:
         log.error("configuration error: %s", exc, extra={FIELDS: {"variable": exc.variable}})

@@ -1,6 +1,11 @@
 """Settings of PROTOCOL §2, read once from the environment into a frozen object (CONVENTIONS §4).
 
-Build it in an entrypoint with :meth:`Settings.from_env` and pass it down; nothing reads the
+Each process reads what it uses: :class:`RelayConfig` (Redis, JWT, listening address, limits,
+SSE), :class:`WorkerConfig` (Redis, session lifetime; no secret); the CLI reads single groups. Both
+are built from small groups (:class:`RedisConfig`, :class:`JwtConfig`, :class:`ListenConfig`,
+:class:`SessionConfig`), so each variable is parsed in one place and keeps one attribute name
+everywhere. ("Config", not "Settings": the worker's ``WorkerSettings`` and ``RedisSettings`` are
+arq's.) Build one in an entrypoint with ``from_env`` and pass it down; nothing reads the
 environment at import time. A missing or invalid value raises :class:`ConfigError` naming the
 variable, so a process fails at start-up with a message an operator can act on.
 """
@@ -10,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import attrs
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -113,9 +118,102 @@ def _redis_url(env: Mapping[str, str], name: str) -> str:
     return url
 
 
-@attrs.frozen(kw_only=True)
-class Settings:
+def _environ(env: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if env is None else env
+
+
+# --- the groups: each variable is parsed in exactly one of these -----------------------------------
+
+
+def _redis_fields(e: Mapping[str, str]) -> dict[str, Any]:
+    return {"redis_url": _redis_url(e, "REDIS_URL")}
+
+
+def _jwt_fields(e: Mapping[str, str]) -> dict[str, Any]:
+    algorithms = _csv(e, "JWT_ALGORITHMS", "HS256")
+    if not algorithms:
+        raise ConfigError("JWT_ALGORITHMS", "must list at least one algorithm")
+    for alg in algorithms:
+        if alg.lower() == "none":
+            raise ConfigError("JWT_ALGORITHMS", "'none' is never accepted")
+        if alg not in SUPPORTED_ALGORITHMS:
+            raise ConfigError(
+                "JWT_ALGORITHMS",
+                f"unsupported algorithm {alg!r} (use {', '.join(sorted(SUPPORTED_ALGORITHMS))})",
+            )
+    secret = _opt(e, "JWT_SECRET")
+    needed = max((_HMAC_MIN_BYTES[alg] for alg in algorithms if alg in _HMAC), default=0)
+    if secret is not None and len(secret.encode()) < needed:
+        # PyJWT would only warn, on every token; a short secret is a config error (never shown).
+        raise ConfigError(
+            "JWT_SECRET",
+            f"must be at least {needed} bytes for {', '.join(a for a in algorithms if a in _HMAC)}"
+            f" (RFC 7518 §3.2), got {len(secret.encode())}",
+        )
+    cookie = _str(e, "JWT_COOKIE_NAME", "access_token")
+    # RFC 6265 token, kept to the safe subset; str.isalnum alone accepts non-ASCII letters.
+    if not (cookie.isascii() and cookie.replace("_", "").replace("-", "").isalnum()):
+        raise ConfigError("JWT_COOKIE_NAME", f"not a valid cookie name: {cookie!r}")
+    return {
+        "jwt_secret": secret,
+        "jwt_public_key": _public_key(e, "JWT_PUBLIC_KEY"),
+        "jwt_algorithms": algorithms,
+        "jwt_issuer": _opt(e, "JWT_ISSUER"),
+        "jwt_audience": _opt(e, "JWT_AUDIENCE"),
+        "jwt_cookie_name": cookie,
+        "jwt_leeway_seconds": _int(e, "JWT_LEEWAY_SECONDS", 0, 0, 3600),
+    }
+
+
+def _listen_fields(e: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "relay_host": _str(e, "RELAY_HOST", "127.0.0.1"),
+        "relay_port": _int(e, "RELAY_PORT", 8080, 0, 65535),
+    }
+
+
+def _session_fields(e: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "session_ttl_seconds": _int(e, "SESSION_TTL_SECONDS", 86_400, 1, 10 * 365 * 86_400),
+        "session_log_maxlen": _int(e, "SESSION_LOG_MAXLEN", 1000, 1, 10_000_000),
+    }
+
+
+def _relay_fields(e: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "relay_cors_origins": _csv(e, "RELAY_CORS_ORIGINS"),
+        "relay_max_connections": _int(e, "RELAY_MAX_CONNECTIONS", 10_000, 1, 1_000_000),
+        "relay_max_connections_per_user": _int(
+            e, "RELAY_MAX_CONNECTIONS_PER_USER", 32, 1, 1_000_000
+        ),
+        "relay_request_head_timeout_seconds": _int(
+            e, "RELAY_REQUEST_HEAD_TIMEOUT_SECONDS", 5, 1, 300
+        ),
+        "relay_max_pending_connections": _int(
+            e, "RELAY_MAX_PENDING_CONNECTIONS", 5000, 1, 1_000_000
+        ),
+        "sse_heartbeat_seconds": _int(e, "SSE_HEARTBEAT_SECONDS", 15, 1, 3600),
+        "sse_retry_ms": _int(e, "SSE_RETRY_MS", 2000, 0, 3_600_000),
+        "sse_buffer_events": _int(e, "SSE_BUFFER_EVENTS", 1000, 1, 1_000_000),
+        "relay_demo": _flag(e, "RELAY_DEMO"),
+    }
+
+
+@attrs.frozen(kw_only=True, slots=False)  # no slots: see RelayConfig
+class RedisConfig:
+    """``REDIS_URL``: every process (the enqueue commands of the CLI read this alone)."""
+
     redis_url: str = "redis://127.0.0.1:6379/0"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        return cls(**_redis_fields(_environ(env)))
+
+
+@attrs.frozen(kw_only=True, slots=False)  # no slots: see RelayConfig
+class JwtConfig:
+    """``JWT_*``: verifying tokens (the relay) and minting development ones (``rapidphoto token``)."""
+
     jwt_secret: str | None = attrs.field(default=None, repr=False)
     jwt_public_key: str | None = attrs.field(default=None, repr=False)
     jwt_algorithms: tuple[str, ...] = ("HS256",)
@@ -123,76 +221,10 @@ class Settings:
     jwt_audience: str | None = None
     jwt_cookie_name: str = "access_token"
     jwt_leeway_seconds: int = 0
-    relay_host: str = "127.0.0.1"
-    relay_port: int = 8080
-    relay_cors_origins: tuple[str, ...] = ()
-    relay_max_connections: int = 10_000
-    relay_max_connections_per_user: int = 32
-    relay_request_head_timeout_seconds: int = 5
-    relay_max_pending_connections: int = 5000
-    sse_heartbeat_seconds: int = 15
-    sse_retry_ms: int = 2000
-    sse_buffer_events: int = 1000
-    relay_demo: bool = False
-    session_ttl_seconds: int = 86_400
-    session_log_maxlen: int = 1000
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        e: Mapping[str, str] = os.environ if env is None else env
-        algorithms = _csv(e, "JWT_ALGORITHMS", "HS256")
-        if not algorithms:
-            raise ConfigError("JWT_ALGORITHMS", "must list at least one algorithm")
-        for alg in algorithms:
-            if alg.lower() == "none":
-                raise ConfigError("JWT_ALGORITHMS", "'none' is never accepted")
-            if alg not in SUPPORTED_ALGORITHMS:
-                raise ConfigError(
-                    "JWT_ALGORITHMS",
-                    f"unsupported algorithm {alg!r} (use {', '.join(sorted(SUPPORTED_ALGORITHMS))})",
-                )
-        secret = _opt(e, "JWT_SECRET")
-        needed = max((_HMAC_MIN_BYTES[alg] for alg in algorithms if alg in _HMAC), default=0)
-        if secret is not None and len(secret.encode()) < needed:
-            # PyJWT would only warn, on every token; a short secret is a config error (never shown).
-            raise ConfigError(
-                "JWT_SECRET",
-                f"must be at least {needed} bytes for {', '.join(a for a in algorithms if a in _HMAC)}"
-                f" (RFC 7518 §3.2), got {len(secret.encode())}",
-            )
-        cookie = _str(e, "JWT_COOKIE_NAME", "access_token")
-        # RFC 6265 token, kept to the safe subset; str.isalnum alone accepts non-ASCII letters.
-        if not (cookie.isascii() and cookie.replace("_", "").replace("-", "").isalnum()):
-            raise ConfigError("JWT_COOKIE_NAME", f"not a valid cookie name: {cookie!r}")
-        return cls(
-            redis_url=_redis_url(e, "REDIS_URL"),
-            jwt_secret=secret,
-            jwt_public_key=_public_key(e, "JWT_PUBLIC_KEY"),
-            jwt_algorithms=algorithms,
-            jwt_issuer=_opt(e, "JWT_ISSUER"),
-            jwt_audience=_opt(e, "JWT_AUDIENCE"),
-            jwt_cookie_name=cookie,
-            jwt_leeway_seconds=_int(e, "JWT_LEEWAY_SECONDS", 0, 0, 3600),
-            relay_host=_str(e, "RELAY_HOST", "127.0.0.1"),
-            relay_port=_int(e, "RELAY_PORT", 8080, 0, 65535),
-            relay_cors_origins=_csv(e, "RELAY_CORS_ORIGINS"),
-            relay_max_connections=_int(e, "RELAY_MAX_CONNECTIONS", 10_000, 1, 1_000_000),
-            relay_max_connections_per_user=_int(
-                e, "RELAY_MAX_CONNECTIONS_PER_USER", 32, 1, 1_000_000
-            ),
-            relay_request_head_timeout_seconds=_int(
-                e, "RELAY_REQUEST_HEAD_TIMEOUT_SECONDS", 5, 1, 300
-            ),
-            relay_max_pending_connections=_int(
-                e, "RELAY_MAX_PENDING_CONNECTIONS", 5000, 1, 1_000_000
-            ),
-            sse_heartbeat_seconds=_int(e, "SSE_HEARTBEAT_SECONDS", 15, 1, 3600),
-            sse_retry_ms=_int(e, "SSE_RETRY_MS", 2000, 0, 3_600_000),
-            sse_buffer_events=_int(e, "SSE_BUFFER_EVENTS", 1000, 1, 1_000_000),
-            relay_demo=_flag(e, "RELAY_DEMO"),
-            session_ttl_seconds=_int(e, "SESSION_TTL_SECONDS", 86_400, 1, 10 * 365 * 86_400),
-            session_log_maxlen=_int(e, "SESSION_LOG_MAXLEN", 1000, 1, 10_000_000),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        return cls(**_jwt_fields(_environ(env)))
 
     def require_jwt_key(self) -> None:
         """The relay cannot verify anything without a key: fail at start-up, naming the variable."""
@@ -208,6 +240,66 @@ class Settings:
             raise ConfigError(
                 "JWT_PUBLIC_KEY", "required by the RS*/ES* algorithms in JWT_ALGORITHMS"
             )
+
+
+@attrs.frozen(kw_only=True, slots=False)  # no slots: see RelayConfig
+class ListenConfig:
+    """``RELAY_HOST``/``RELAY_PORT``: where the relay listens (and where the CLI says to look)."""
+
+    relay_host: str = "127.0.0.1"
+    relay_port: int = 8080
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        return cls(**_listen_fields(_environ(env)))
+
+
+@attrs.frozen(kw_only=True, slots=False)  # no slots: see RelayConfig
+class SessionConfig:
+    """``SESSION_*``: how long a session lives and how much of its log is kept (the worker)."""
+
+    session_ttl_seconds: int = 86_400
+    session_log_maxlen: int = 1000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        return cls(**_session_fields(_environ(env)))
+
+
+# --- what each process reads ----------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True, slots=False)  # no slots: see RelayConfig
+class RelayConfig(RedisConfig, JwtConfig, ListenConfig):
+    """The relay: Redis, JWT, where to listen, its limits and SSE timing.
+
+    Made of several groups; Python refuses a class two slotted bases, hence ``slots=False`` on all.
+    """
+
+    relay_cors_origins: tuple[str, ...] = ()
+    relay_max_connections: int = 10_000
+    relay_max_connections_per_user: int = 32
+    relay_request_head_timeout_seconds: int = 5
+    relay_max_pending_connections: int = 5000
+    sse_heartbeat_seconds: int = 15
+    sse_retry_ms: int = 2000
+    sse_buffer_events: int = 1000
+    relay_demo: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        e = _environ(env)
+        return cls(**_redis_fields(e), **_jwt_fields(e), **_listen_fields(e), **_relay_fields(e))
+
+
+@attrs.frozen(kw_only=True, slots=False)  # no slots: see RelayConfig
+class WorkerConfig(RedisConfig, SessionConfig):
+    """The worker: Redis and the sessions' lifetime; no secret (it never sees a token)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        e = _environ(env)
+        return cls(**_redis_fields(e), **_session_fields(e))
 
 
 def env_value(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:

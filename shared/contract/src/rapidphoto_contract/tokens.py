@@ -16,7 +16,7 @@ import jwt
 from jwt.exceptions import InvalidSubjectError
 
 from rapidphoto_contract.ids import is_valid_id
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import JwtConfig
 
 TokenFailure: TypeAlias = Literal[
     "expired",
@@ -64,7 +64,7 @@ class Principal:
 
 
 class TokenVerifier:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: JwtConfig) -> None:
         settings.require_jwt_key()
         self._algorithms = list(settings.jwt_algorithms)
         self._secret = settings.jwt_secret
@@ -152,7 +152,7 @@ def mint_token(
     return jwt.encode(claims, key, algorithm=algorithm)
 
 
-def mint_for_settings(user_id: str, settings: Settings, ttl_seconds: float = 3600) -> str:
+def mint_for_settings(user_id: str, settings: JwtConfig, ttl_seconds: float = 3600) -> str:
     """A token the relay configured by ``settings`` will accept (needs ``JWT_SECRET`` and HS*)."""
     alg = next((a for a in settings.jwt_algorithms if a.startswith("HS")), None)
     if alg is None or settings.jwt_secret is None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from arq.jobs import Job
 
 from rapidphoto_contract.ids import validate_id
 from rapidphoto_contract.jobs import CompletePhotoUpload, FailPhotoUpload, StartUploadSession
-from rapidphoto_contract.settings import ConfigError, Settings
+from rapidphoto_contract.settings import ConfigError, JwtConfig, RedisConfig
 from rapidphoto_contract.tokens import mint_for_settings
 from rapidphoto_tools.cli_common import EXIT_OK, int_between, with_jobs
+from rapidphoto_tools.client import UploadJobsClient
 
 #: A development token lives a year at most; longer is a typo.
 MAX_TTL_SECONDS: Final = 366 * 86_400
@@ -49,7 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def _token(args: argparse.Namespace) -> int:
     user_id = validate_id("user_id", args.user_id)
-    settings = Settings.from_env()
+    settings = JwtConfig.from_env()
     if settings.jwt_secret is None:
         raise ConfigError(
             "JWT_SECRET", "not set; `rapidphoto token` signs development tokens with it"
@@ -62,44 +64,31 @@ def _token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_job(job: Job) -> int:
-    print(job.job_id)
+def _enqueue(send: Callable[[UploadJobsClient], Awaitable[Job]]) -> int:
+    """Connect to ``REDIS_URL``, send one job, print its id."""
+    print(with_jobs(RedisConfig.from_env().redis_url, send).job_id)
     return EXIT_OK
 
 
+# Each command validates its job before connecting: bad input never reaches Redis.
+
+
 def _start(args: argparse.Namespace) -> int:
-    # Validated before connecting: bad input never reaches Redis.
     cmd = StartUploadSession.parse(
         {"session_id": args.session_id, "user_id": args.user_id, "total_photos": args.total}
     )
-    settings = Settings.from_env()
-    return _print_job(
-        with_jobs(
-            settings.redis_url,
-            lambda jobs: jobs.start_upload_session(cmd.session_id, cmd.user_id, cmd.total_photos),
-        )
+    return _enqueue(
+        lambda jobs: jobs.start_upload_session(cmd.session_id, cmd.user_id, cmd.total_photos)
     )
 
 
 def _complete(args: argparse.Namespace) -> int:
     cmd = CompletePhotoUpload.parse({"session_id": args.session_id, "photo_id": args.photo_id})
-    settings = Settings.from_env()
-    return _print_job(
-        with_jobs(
-            settings.redis_url,
-            lambda jobs: jobs.complete_photo_upload(cmd.session_id, cmd.photo_id),
-        )
-    )
+    return _enqueue(lambda jobs: jobs.complete_photo_upload(cmd.session_id, cmd.photo_id))
 
 
 def _fail(args: argparse.Namespace) -> int:
     cmd = FailPhotoUpload.parse(
         {"session_id": args.session_id, "photo_id": args.photo_id, "reason": args.reason}
     )
-    settings = Settings.from_env()
-    return _print_job(
-        with_jobs(
-            settings.redis_url,
-            lambda jobs: jobs.fail_photo_upload(cmd.session_id, cmd.photo_id, cmd.reason),
-        )
-    )
+    return _enqueue(lambda jobs: jobs.fail_photo_upload(cmd.session_id, cmd.photo_id, cmd.reason))

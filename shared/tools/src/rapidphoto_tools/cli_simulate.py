@@ -10,7 +10,7 @@ from typing import TextIO
 
 from rapidphoto_contract.ids import validate_id
 from rapidphoto_contract.jobs import MAX_TOTAL_PHOTOS
-from rapidphoto_contract.settings import Settings
+from rapidphoto_contract.settings import ListenConfig, RedisConfig
 from rapidphoto_tools.cli_common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -131,7 +131,8 @@ def _simulate(args: argparse.Namespace) -> int:
         ),
     )
     plan = plan_simulation(spec)  # validates everything before anything is sent
-    settings = Settings.from_env()
+    settings = RedisConfig.from_env()
+    relay = ListenConfig.from_env()
 
     out.write(
         f"simulating {spec.sessions} session(s) x {spec.photos} photo(s) at {spec.rate:g} photos/s"
@@ -144,7 +145,7 @@ def _simulate(args: argparse.Namespace) -> int:
     first = plan.sessions[0]
     out.write(
         f"watch one: TOKEN=$(rapidphoto token {first.user_id}); curl -N -H "
-        f'"Authorization: Bearer $TOKEN" http://{settings.relay_host}:{settings.relay_port}'
+        f'"Authorization: Bearer $TOKEN" http://{relay.relay_host}:{relay.relay_port}'
         f"/api/upload/sessions/{first.session_id}/stream\n"
     )
     out.flush()
