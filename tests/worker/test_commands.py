@@ -24,7 +24,6 @@ from rapidphoto_contract.events import (
 from rapidphoto_contract.jobs import (
     CompletePhotoUpload,
     FailPhotoUpload,
-    InvalidCommand,
     StartUploadSession,
 )
 from rapidphoto_worker import commands
@@ -568,19 +567,6 @@ async def test_failure_reasons_are_published_exactly_as_the_contract_encodes_the
 
     await h.expect([failed("p1", reason, 2, 0, 1)])
     assert await h.photos() == {"p1": keys.PHOTO_FAILED_PREFIX + reason}
-
-
-async def test_a_reason_that_is_not_valid_unicode_is_an_invalid_command(
-    h: Harness, redis_client: aioredis.Redis
-) -> None:
-    await h.start(2)
-    await h.expect([started(2)])
-
-    with pytest.raises(InvalidCommand, match="reason"):
-        await h.fail("p1", "lone \ud800 surrogate")
-
-    await h.expect([])
-    assert await h.photos() == {}
 
 
 async def test_longest_ids_pass_through(h: Harness, redis_client: aioredis.Redis) -> None:

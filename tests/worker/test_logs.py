@@ -1,12 +1,13 @@
-"""rapidphoto_worker.logs: one JSON object per line; arq's per-job lines dropped."""
+"""rapidphoto_worker.logs: the product's JSON line on stderr; arq's per-job lines dropped."""
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 
-from rapidphoto_worker.logs import FIELDS, DropArqJobLines, JsonFormatter
+import pytest
+
+from rapidphoto_contract.logs import JsonFormatter
+from rapidphoto_worker.logs import DropArqJobLines, configure_logging
 
 
 def record(
@@ -17,30 +18,6 @@ def record(
     return rec
 
 
-def test_a_line_is_one_json_object_with_the_fields() -> None:
-    line = JsonFormatter().format(record("job %s", "applied", fields={"job_id": "j1", "try": 2}))
-
-    assert "\n" not in line
-    data = json.loads(line)
-    assert data["msg"] == "job applied"
-    assert data["level"] == "info"
-    assert data["logger"] == "arq.worker"
-    assert (data["job_id"], data["try"]) == ("j1", 2)
-    assert data["ts"].endswith("+00:00")
-
-
-def test_a_traceback_stays_on_the_same_line() -> None:
-    try:
-        raise ValueError("boom")
-    except ValueError:
-        rec = record("failed", level=logging.ERROR)
-        rec.exc_info = sys.exc_info()
-    line = JsonFormatter().format(rec)
-
-    assert "\n" not in line
-    assert "ValueError: boom" in json.loads(line)["exc"]
-
-
 def test_arq_per_job_lines_are_dropped_but_not_max_retries() -> None:
     keep = DropArqJobLines().filter
     assert not keep(record("%6.2fs → %s(%s)%s", 0.1, "j:f", "", ""))
@@ -49,5 +26,11 @@ def test_arq_per_job_lines_are_dropped_but_not_max_retries() -> None:
     assert keep(record("Starting worker for %d functions: %s", 3, "a, b, c"))
 
 
-def test_fields_key_is_the_documented_one() -> None:
-    assert FIELDS == "fields"
+def test_configure_logging_writes_the_contract_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    configure_logging()
+    [handler] = root.handlers
+    assert type(handler.formatter) is JsonFormatter
+    assert any(isinstance(f, DropArqJobLines) for f in logging.getLogger("arq.worker").filters)

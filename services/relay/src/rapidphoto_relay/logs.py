@@ -8,19 +8,14 @@ scrubs the final line (exception text and extra fields included) before it is wr
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import re
 from typing import Any, Final
 
+from rapidphoto_contract import logs
+
 _TOKEN_IN_TEXT: Final = re.compile(r"(access_token=)[^&\s\"'#]*", re.IGNORECASE)
 REDACTED: Final = r"\1[REDACTED]"
-
-#: Attributes every LogRecord has; anything else on a record came from ``extra=`` and is logged.
-_STANDARD: Final = frozenset(
-    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
-) | {"message", "asctime", "color_message", "taskName"}
 
 
 def redact(text: str) -> str:
@@ -42,22 +37,11 @@ class RedactTokens(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(logs.JsonFormatter):
+    """The product's JSON line (:mod:`rapidphoto_contract.logs`), scrubbed of ``access_token``."""
+
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(out, default=str, ensure_ascii=False))
+        return redact(super().format(record))
 
 
 def logging_config(level: str = "INFO") -> dict[str, Any]:

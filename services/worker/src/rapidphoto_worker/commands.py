@@ -32,7 +32,6 @@ from rapidphoto_contract.ids import is_valid_id
 from rapidphoto_contract.jobs import (
     CompletePhotoUpload,
     FailPhotoUpload,
-    InvalidCommand,
     StartUploadSession,
 )
 from rapidphoto_worker.context import WorkerContext
@@ -265,11 +264,8 @@ async def complete_photo_upload(
 def _reason_json(reason: str) -> str:
     # The reason is free text, so Python encodes it, with the contract's JSON settings: Lua's cjson
     # escapes some characters differently (e.g. "/" and DEL), and the published bytes must be exactly
-    # what rapidphoto_contract.events would produce.
-    try:
-        reason.encode("utf-8")
-    except UnicodeEncodeError:  # a JSON job can carry "\ud800", which Redis cannot store as UTF-8
-        raise InvalidCommand("reason must be valid Unicode text (no unpaired surrogates)") from None
+    # what rapidphoto_contract.events would produce. It is valid UTF-8 text: FailPhotoUpload.parse,
+    # which every job goes through (main.py), refuses a lone surrogate.
     return json.dumps(reason, ensure_ascii=False)
 
 

@@ -5,39 +5,17 @@ A job ends with exactly one line from :mod:`rapidphoto_worker.main` (``job`` = n
 with less detail (and, for the failures we expect, such as bad arguments, a traceback), so arq's
 worker logger is set to WARNING, which also spares building two records per job, and its per-job
 failure lines are dropped; its warnings (such as "max retries exceeded", logged before our job
-function runs) are kept. Nothing secret is logged: no Redis URL (it may hold a password), no failure
-reasons (user text).
+function runs) are kept. The line itself is the product's (:mod:`rapidphoto_contract.logs`), with
+fields given as ``extra={FIELDS: {...}}``. Nothing secret is logged: no Redis URL (it may hold a
+password), no failure reasons (user text).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import sys
-from collections.abc import Mapping
-from typing import Any, Final
 
-#: ``logger.info(msg, extra={FIELDS: {...}})`` adds those fields to the line.
-FIELDS: Final = "fields"
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, FIELDS, None)
-        if isinstance(fields, Mapping):
-            out.update(fields)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+from rapidphoto_contract.logs import JsonFormatter
 
 
 class DropArqJobLines(logging.Filter):

@@ -35,13 +35,14 @@ from rapidphoto_contract.jobs import (
     deserialize_job,
     serialize_job,
 )
+from rapidphoto_contract.logs import FIELDS
 from rapidphoto_contract.redis_options import retry_policy
 from rapidphoto_contract.settings import ConfigError, WorkerConfig
 from rapidphoto_worker import commands
 from rapidphoto_worker.commands import CommandResult
 from rapidphoto_worker.context import CTX_KEY, WorkerContext, from_ctx
 from rapidphoto_worker.errors import CommandError
-from rapidphoto_worker.logs import FIELDS, configure_logging
+from rapidphoto_worker.logs import configure_logging
 from rapidphoto_worker.worker import BatchClaimWorker
 
 log = logging.getLogger("rapidphoto.worker")

@@ -20,7 +20,14 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from rapidphoto_contract import events, keys
-from rapidphoto_contract.jobs import COMPLETE_PHOTO_UPLOAD, FAIL_PHOTO_UPLOAD, START_UPLOAD_SESSION
+
+# One script per job (JOB_NAMES, the one list of them), named after it: <job name>.lua.
+from rapidphoto_contract.jobs import (
+    COMPLETE_PHOTO_UPLOAD,
+    FAIL_PHOTO_UPLOAD,
+    JOB_NAMES,
+    START_UPLOAD_SESSION,
+)
 
 #: Lua globals the scripts use, and where their values come from.
 CONSTANTS: Final[dict[str, str]] = {
@@ -44,9 +51,6 @@ CONSTANTS: Final[dict[str, str]] = {
     "KIND_UPLOAD_SESSION_COMPLETED": events.KIND_UPLOAD_SESSION_COMPLETED,
 }
 
-#: The command scripts, by job name.
-SCRIPT_NAMES: Final = (START_UPLOAD_SESSION, COMPLETE_PHOTO_UPLOAD, FAIL_PHOTO_UPLOAD)
-
 
 def _lua_string(value: str) -> str:
     # A JSON string is a valid Lua string literal as long as it needs no \u escape.
@@ -61,7 +65,7 @@ def _read(name: str) -> str:
 
 def script_source(name: str) -> str:
     """The full text of one command's script, as sent to Redis."""
-    if name not in SCRIPT_NAMES:
+    if name not in JOB_NAMES:
         raise ValueError(f"no script for {name!r}")
     header = "\n".join(
         f"local {lua_name} = {_lua_string(value)}" for lua_name, value in CONSTANTS.items()
@@ -87,7 +91,7 @@ class Scripts:
 
 async def load_scripts(client: aioredis.Redis) -> Scripts:
     """Register the scripts on ``client`` and load them into the server now (fail fast)."""
-    registered = {name: client.register_script(script_source(name)) for name in SCRIPT_NAMES}
+    registered = {name: client.register_script(script_source(name)) for name in JOB_NAMES}
     for script in registered.values():
         sha = await client.script_load(script.script)
         if sha != script.sha:  # cannot happen unless the client and server disagree on encoding

@@ -1,0 +1,49 @@
+"""The product's log line: one JSON object per line, fields rather than prose (relay and worker).
+
+Every process formats its records with :class:`JsonFormatter`: ``ts`` (UTC, ms), ``level``,
+``logger``, ``msg``, then the record's own fields, then ``exc`` (a traceback, on the same line).
+A record's fields are what it was given with ``extra=``: each key of ``extra={FIELDS: {...}}`` (the
+worker's way), or any other ``extra`` key as it is (the relay's way). Standard library only: each
+process adds its own specifics (the relay's token redaction, the worker's arq filter).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+#: ``logger.info(msg, extra={FIELDS: {...}})`` adds those fields to the line.
+FIELDS: Final = "fields"
+
+#: Attributes every LogRecord has; anything else on a record came from ``extra=`` and is logged.
+#: (``color_message`` is uvicorn's copy of the message with terminal colours.)
+STANDARD_ATTRIBUTES: Final = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
+) | {"message", "asctime", "color_message", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (see the module)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key in STANDARD_ATTRIBUTES or key.startswith("_"):
+                continue
+            if key == FIELDS and isinstance(value, Mapping):
+                out.update(value)
+            else:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)

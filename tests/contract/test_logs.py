@@ -1,0 +1,59 @@
+"""rapidphoto_contract.logs: the product's log line, one JSON object per line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from rapidphoto_contract.logs import FIELDS, JsonFormatter
+
+
+def record(
+    msg: str, *args: object, level: int = logging.INFO, **extra: object
+) -> logging.LogRecord:
+    rec = logging.LogRecord("rapidphoto.test", level, __file__, 1, msg, args, None)
+    rec.__dict__.update(extra)
+    return rec
+
+
+def test_a_line_is_one_json_object_with_the_fields() -> None:
+    line = JsonFormatter().format(record("job %s", "applied", fields={"job_id": "j1", "try": 2}))
+
+    assert "\n" not in line
+    data = json.loads(line)
+    assert data["msg"] == "job applied"
+    assert data["level"] == "info"
+    assert data["logger"] == "rapidphoto.test"
+    assert (data["job_id"], data["try"]) == ("j1", 2)
+    assert data["ts"].endswith("+00:00")
+
+
+def test_a_traceback_stays_on_the_same_line() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = record("failed", level=logging.ERROR)
+        rec.exc_info = sys.exc_info()
+    line = JsonFormatter().format(rec)
+
+    assert "\n" not in line
+    assert "ValueError: boom" in json.loads(line)["exc"]
+
+
+def test_fields_key_is_the_documented_one() -> None:
+    assert FIELDS == "fields"
+
+
+def test_other_extra_keys_are_fields_as_they_are() -> None:
+    """The relay's way: ``extra={"channel": ..., "error": ...}``; private and standard ones stay out."""
+    line = JsonFormatter().format(record("lost", channel="c1", error=ValueError("x"), _private=1))
+
+    data = json.loads(line)
+    assert (data["channel"], data["error"]) == ("c1", "x")
+    assert set(data) == {"ts", "level", "logger", "msg", "channel", "error"}
+
+
+def test_a_fields_value_that_is_not_a_mapping_stays_one_field() -> None:
+    data = json.loads(JsonFormatter().format(record("x", fields=["a", "b"])))
+    assert data["fields"] == ["a", "b"]
