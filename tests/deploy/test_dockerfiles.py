@@ -249,6 +249,9 @@ def test_built_environment_holds_this_deployable_only(built: dict[str, Path], pa
     site = next((venv / "lib").glob("python3*/site-packages"))
     module = package.replace("-", "_")
     assert (site / module / "__init__.py").is_file()
+    if package == "rapidphoto-relay":  # package data, read with importlib.resources
+        assert (site / module / "lua" / "sync_session.lua").is_file()
+        assert (site / module / "static" / "demo.html").is_file()
     for pth in site.glob("*.pth"):
         assert "/src" not in pth.read_text(), f"{pth.name} points at a source tree"
     assert (venv / "bin" / package).is_file()
