@@ -20,9 +20,9 @@ from litestar.types import Receive, Scope, Send
 from rapidphoto_contract import keys
 from rapidphoto_contract.settings import RelayConfig
 from rapidphoto_contract.tokens import mint_token
+from rapidphoto_relay.coalescer import Coalescer
 from rapidphoto_relay.direct import (
     SERVER_SEND_KEY,
-    Coalescer,
     DirectWriter,
     ServerSendCapture,
     encode_chunk,
@@ -121,10 +121,12 @@ async def test_direct_writes_share_the_connection_with_asgi_sends_in_order() -> 
         writer = DirectWriter.attach(scope)
         attached.append(writer)
         assert writer is not None
-        assert writer.write(encode_chunk(b"one\n"))
-        assert writer.write(encode_chunk(b"two\n"))
+        assert writer.writable()
+        writer.write(encode_chunk(b"one\n"))
+        writer.write(encode_chunk(b"two\n"))
         await send({"type": "http.response.body", "body": b"three\n", "more_body": True})
-        assert writer.write(encode_chunk(b"four\n"))
+        assert writer.writable()
+        writer.write(encode_chunk(b"four\n"))
         if scope["path"] == "/end":
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return

@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from rapidphoto_relay.hub import Hub, HubUnavailable
 from rapidphoto_relay.metrics import RelayMetrics
-from rapidphoto_relay.subscriber import Subscriber
+from rapidphoto_relay.writer import StreamWriter
 
 
 class FakeConnection:
@@ -92,8 +92,8 @@ class FakeServer:
                 conn.inbox.put_nowait(RedisConnectionError("connection reset"))
 
 
-def _sub(channel: str = "upload-session:s", limit: int = 100) -> Subscriber:
-    sub = Subscriber(channel, "u", limit, expires_at=1e12)
+def _sub(channel: str = "upload-session:s", limit: int = 100) -> StreamWriter:
+    sub = StreamWriter(channel, "u", limit, expires_at=1e12)
     sub.resync = False
     return sub
 
@@ -200,7 +200,7 @@ async def test_invalid_payloads_are_dropped_and_counted_and_reading_goes_on() ->
     await hub.__aexit__()
 
 
-class _BrokenSubscriber(Subscriber):
+class _BrokenSubscriber(StreamWriter):
     """Stands for any bug in handling one message (framing, dispatch, a stream's push)."""
 
     def push(self, message: object) -> None:

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from rapidphoto_contract.events import SESSION_COMPLETED
 from rapidphoto_contract.stream_ids import format_stream_id, parse_stream_id
-from rapidphoto_relay.payload import MAX_PAYLOAD_BYTES, InvalidPayload, parse_payload
-from rapidphoto_relay.subscriber import Message
+from rapidphoto_relay.payload import MAX_PAYLOAD_BYTES, InvalidPayload, Message, parse_payload
 from tests.relay.test_sse_properties import StreamParser
 
 PROPERTY = settings(max_examples=400, deadline=None)

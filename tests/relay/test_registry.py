@@ -8,11 +8,11 @@ from rapidphoto_relay.registry import (
     TICK_SECONDS,
     StreamRegistry,
 )
-from rapidphoto_relay.subscriber import Subscriber
+from rapidphoto_relay.writer import StreamWriter
 
 
-def _sub(expires_at: float = 1e12) -> Subscriber:
-    sub = Subscriber("c", "u", 10, expires_at)
+def _sub(expires_at: float = 1e12) -> StreamWriter:
+    sub = StreamWriter("c", "u", 10, expires_at)
     sub.resync = False
     return sub
 
@@ -75,30 +75,3 @@ def test_heartbeats_come_a_little_early_and_spread_out() -> None:
     low = 15 * (1 - HEARTBEAT_JITTER) - TICK_SECONDS / 2
     assert all(low <= a <= 15 - TICK_SECONDS / 2 for a in afters)
     assert max(afters) - min(afters) > 1.0  # spread over more than one tick
-
-
-class _Sink:
-    def __init__(self, ok: bool) -> None:
-        self.ok = ok
-        self.beats = 0
-
-    def deliver(self, message: object) -> bool:
-        return False
-
-    def heartbeat(self) -> bool:
-        self.beats += 1
-        return self.ok
-
-
-def test_an_idle_writer_gets_its_heartbeat_written_without_a_wake_up() -> None:
-    registry = StreamRegistry(heartbeat_seconds=15, leeway_seconds=0)
-    direct, refused = _sub(), _sub()
-    writes, busy = _Sink(True), _Sink(False)
-    for sub, sink in ((direct, writes), (refused, busy)):
-        registry.add(sub)
-        sub.last_write = 100.0
-        sub.sink = sink
-    registry.tick(now=116.0, wall=0.0)
-    assert writes.beats == 1
-    assert not direct.heartbeat_due
-    assert refused.heartbeat_due  # the connection could not take it: the writer is asked

@@ -57,7 +57,8 @@ from rapidphoto_relay.metrics import RelayMetrics
 
 log = logging.getLogger("rapidphoto_relay.connections")
 
-CloseReason = Literal["head-timeout", "pending-limit"]
+#: Why a waiting connection was closed (the ``reason`` label of ``connections_closed``).
+DropReason = Literal["head-timeout", "pending-limit"]
 
 #: Descriptors besides streams and waiting connections: the listener, Redis connections, stdio, logs,
 #: short requests in flight.
@@ -84,8 +85,8 @@ class PendingConnections:
         # An OrderedDict, not a dict: closing the oldest must stay O(1) however many were removed.
         self._waiting: OrderedDict[HeadDeadlineProtocol, None] = OrderedDict()
         self._metrics = metrics
-        self._unlogged: dict[CloseReason, int] = {"head-timeout": 0, "pending-limit": 0}
-        self._logged_at: dict[CloseReason, float] = {"head-timeout": 0.0, "pending-limit": 0.0}
+        self._unlogged: dict[DropReason, int] = {"head-timeout": 0, "pending-limit": 0}
+        self._logged_at: dict[DropReason, float] = {"head-timeout": 0.0, "pending-limit": 0.0}
         if metrics is not None:
             metrics.pending_connections.set_function(lambda: len(self._waiting))
 
@@ -112,7 +113,7 @@ class PendingConnections:
         self._waiting.pop(conn, None)
         self._closed("head-timeout")
 
-    def _closed(self, reason: CloseReason) -> None:
+    def _closed(self, reason: DropReason) -> None:
         if self._metrics is not None:
             self._metrics.connections_closed.labels(reason).inc()
         # Under a flood this runs thousands of times a second: one line per interval, with a count.

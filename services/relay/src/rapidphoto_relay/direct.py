@@ -3,9 +3,9 @@
 Through ASGI, one live event on a channel with N streams costs N task wake-ups, N futures, N
 ``send`` coroutines (Litestar's exception wrapper, then the server's) and N message dicts before the
 N ``write`` calls that matter; with 1,000 streams on one channel that framework work per subscriber
-was half of the relay's CPU and most of its garbage. So while a stream's writer is idle and in sync
-(``EventStream.deliver``), the hub writes the frame itself, already encoded as an HTTP/1.1 chunk
-once per message, with one ``transport.write`` per stream and no task switch.
+was half of the relay's CPU and most of its garbage. So while a stream's task is idle and in sync
+(``writer.py``), the hub writes the frame itself, already encoded as an HTTP/1.1 chunk once per
+message, with one ``transport.write`` per stream and no task switch.
 
 This needs the server's own connection object, which ASGI does not expose: :class:`ServerSendCapture`
 (the outermost ASGI layer, installed by ``main.py``) keeps the server's ``send`` in the scope, and
@@ -13,39 +13,23 @@ This needs the server's own connection object, which ASGI does not expose: :clas
 head has gone out with chunked transfer encoding. Anything else (another server, uvicorn's h11
 protocol, an in-process test client) keeps the ASGI path: same bytes, same order, just slower.
 
-The writer is used only when a write cannot block: not when the server paused writing (the client
-is not reading; the frame is queued and the stream's writer blocks in ``send`` as usual, which is
-what makes a slow consumer visible) nor after the client went away.
-
-Coalescing: on this kind of machine a ``write`` to a TCP socket costs the relay 5-10 µs of kernel
-time whatever it carries, far more than the Python around it, so the number of writes is what sets
-the capacity of a broadcast. A stream is written at most once per ``WRITE_INTERVAL_SECONDS``: a frame
-that comes sooner after the previous write is held in the stream's buffer and the
-:class:`Coalescer` writes everything held, as one chunk, when the interval is over. A stream whose
-events come less often than that (most of them) is never delayed; a broadcast of 100 events/s to
-1,000 streams makes about 40,000 writes/s instead of 100,000, for at most 25 ms of added latency
-(Centrifuge's ``WriteDelay`` makes the same trade).
+The connection is written to only when a write cannot block: not when the server paused writing
+(the client is not reading; the frame is queued and the stream's task blocks in ``send`` as usual,
+which is what makes a slow consumer visible) nor after the client went away. Callers check
+:meth:`DirectWriter.writable` first.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, cast
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-log = logging.getLogger("rapidphoto_relay.direct")
-
-#: At most one write per stream per this many seconds while its frames come faster.
-WRITE_INTERVAL_SECONDS: Final = 0.025
-
 #: Scope key under which :class:`ServerSendCapture` keeps the server's own ``send``.
 SERVER_SEND_KEY: Final = "rapidphoto.server_send"
 #: The one server protocol whose connection objects we know how to write to.
-_HTTPTOOLS_MODULE: Final = "uvicorn.protocols.http.httptools_impl"
+HTTPTOOLS_MODULE: Final = "uvicorn.protocols.http.httptools_impl"
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -91,7 +75,7 @@ class DirectWriter:
         """
         send = cast("dict[str, Any]", scope).get(SERVER_SEND_KEY)
         cycle = getattr(send, "__self__", None)
-        if type(cycle).__module__ != _HTTPTOOLS_MODULE:
+        if type(cycle).__module__ != HTTPTOOLS_MODULE:
             return None
         if getattr(cycle, "chunked_encoding", None) is not True or not hasattr(cycle, "flow"):
             return None
@@ -102,48 +86,6 @@ class DirectWriter:
         cycle = self._cycle
         return not (cycle.flow.write_paused or cycle.disconnected or self._transport.is_closing())
 
-    def write(self, chunk: bytes) -> bool:
-        """Write ``chunk`` now and return True, or return False if it would block or cannot go."""
-        if not self.writable():
-            return False
+    def write(self, chunk: bytes) -> None:
+        """Write ``chunk`` now: only after :meth:`writable` said it can go."""
         self._transport.write(chunk)
-        return True
-
-
-class Flushable(Protocol):
-    def flush(self) -> None:
-        """Write what was held for this stream (or hand it to the stream's writer)."""
-
-
-class Coalescer:
-    """The streams holding frames for their next write slot, flushed together by one timer."""
-
-    def __init__(self) -> None:
-        self._held: list[Flushable] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-    def hold(self, stream: Flushable, due: float) -> None:
-        """Flush ``stream`` at ``due`` (``time.monotonic()``) or sooner; once per stream and slot."""
-        self._held.append(stream)
-        if self._timer is None:
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            # Everything held is flushed at the first due time: a stream written a little sooner
-            # than its interval costs nothing, one timer for all of them saves a lot.
-            self._timer = loop.call_later(max(0.0, due - time.monotonic()), self.flush)
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        held, self._held = self._held, []
-        for stream in held:
-            try:
-                stream.flush()
-            except Exception:  # one broken stream must not keep the others' frames held
-                log.exception("flushing a stream failed")

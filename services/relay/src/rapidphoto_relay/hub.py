@@ -4,8 +4,9 @@
   the last one closes. :meth:`Hub.subscribe` returns only once Redis has *confirmed* the
   subscription, so a stream that reads its log afterwards cannot miss an event published in between.
 - One reader task reads the connection. Each message is validated and framed once
-  (:mod:`rapidphoto_relay.payload`) and the same :class:`~rapidphoto_relay.subscriber.Message` is
-  pushed into every local subscriber's bounded buffer without waiting (CONVENTIONS §6).
+  (:mod:`rapidphoto_relay.payload`) and the same :class:`~rapidphoto_relay.payload.Message` is
+  pushed to every local stream's :class:`~rapidphoto_relay.writer.StreamWriter` without waiting
+  (CONVENTIONS §6): written to the connection at once, or queued in its bounded buffer.
 - When the connection fails the hub reconnects with exponential backoff and full jitter, resubscribes
   every channel, and once each channel is confirmed asks its streams to resync from the event log
   (what they missed meanwhile; PROTOCOL §5). ``ready`` is false in between (``/health/ready`` is 503).
@@ -30,8 +31,8 @@ from redis.exceptions import RedisError
 
 from rapidphoto_relay.metrics import RelayMetrics
 from rapidphoto_relay.payload import InvalidPayload, parse_payload
-from rapidphoto_relay.subscriber import Subscriber
 from rapidphoto_relay.transport import PubSubConnection, PubSubTransport
+from rapidphoto_relay.writer import StreamWriter
 
 log = logging.getLogger("rapidphoto_relay.hub")
 
@@ -54,7 +55,7 @@ class _Channel:
     __slots__ = ("confirmed", "needs_resync", "subscribers")
 
     def __init__(self, confirmed: asyncio.Future[None]) -> None:
-        self.subscribers: set[Subscriber] = set()
+        self.subscribers: set[StreamWriter] = set()
         self.confirmed = confirmed
         #: Set while the connection is down: the channel's streams resync once it is confirmed again.
         self.needs_resync = False
@@ -116,13 +117,9 @@ class Hub:
     def channel_count(self) -> int:
         return len(self._channels)
 
-    def subscriber_count(self, channel: str) -> int:
-        state = self._channels.get(channel)
-        return len(state.subscribers) if state else 0
-
     # --- subscriptions -------------------------------------------------------------------------
 
-    async def subscribe(self, channel: str, subscriber: Subscriber, within: float = 5.0) -> None:
+    async def subscribe(self, channel: str, subscriber: StreamWriter, within: float = 5.0) -> None:
         """Add ``subscriber`` to ``channel``; return once Redis confirmed the subscription."""
         state = self._channels.get(channel)
         if state is None:
@@ -143,7 +140,7 @@ class Hub:
             self.unsubscribe(channel, subscriber)
             raise HubUnavailable(f"subscription to {channel} not confirmed in {within}s") from None
 
-    def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
+    def unsubscribe(self, channel: str, subscriber: StreamWriter) -> None:
         """Remove ``subscriber``; the last one out unsubscribes the channel.
 
         Synchronous, so a stream's cleanup cannot be interrupted half way by a cancellation; the

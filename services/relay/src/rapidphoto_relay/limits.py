@@ -33,17 +33,19 @@ class ConnectionLimits:
     def __init__(self, max_total: int, max_per_user: int, retry_ms: int) -> None:
         self.max_total = max_total
         self.max_per_user = max_per_user
-        self._base_retry = max(1, math.ceil(retry_ms / 1000))
+        #: ``Retry-After`` for a stream refused for any reason but a full process: the SSE
+        #: ``retry`` delay in whole seconds, at least 1.
+        self.retry_after = max(1, math.ceil(retry_ms / 1000))
         self._per_user: dict[str, int] = {}
         self.total = 0
 
     def acquire(self, user_id: str) -> None:
         """Count one more stream for ``user_id`` or raise :class:`LimitExceeded`."""
         if self.total >= self.max_total:
-            raise LimitExceeded("process", self._base_retry + random.randint(0, 2))
+            raise LimitExceeded("process", self.retry_after + random.randint(0, 2))
         held = self._per_user.get(user_id, 0)
         if held >= self.max_per_user:
-            raise LimitExceeded("user", self._base_retry)
+            raise LimitExceeded("user", self.retry_after)
         self._per_user[user_id] = held + 1
         self.total += 1
 

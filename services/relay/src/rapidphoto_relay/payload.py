@@ -20,12 +20,39 @@ import msgspec
 from rapidphoto_contract.events import SESSION_COMPLETED
 from rapidphoto_contract.stream_ids import StreamId, parse_stream_id
 from rapidphoto_relay import sse
-from rapidphoto_relay.subscriber import Message
 
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
 TYPE_PATTERN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _decoder: Final = msgspec.json.Decoder()
+
+
+class Message:
+    """A channel message as the hub framed it once, shared by every stream of the channel.
+
+    ``stream_id`` is the parsed ``eventId`` when it is a log entry id (``None`` for raw publishes
+    without one); ``terminal`` marks a ``SESSION_COMPLETED`` from the log, after which a session
+    stream closes (PROTOCOL §5); ``occurred_at`` is the publisher's clock (epoch seconds) for the lag
+    histogram, observed once per message and process (``observed``).
+    """
+
+    __slots__ = ("chunk", "frame", "observed", "occurred_at", "stream_id", "terminal")
+
+    def __init__(
+        self,
+        frame: bytes,
+        stream_id: StreamId | None = None,
+        *,
+        terminal: bool = False,
+        occurred_at: float | None = None,
+    ) -> None:
+        self.frame = frame
+        self.stream_id = stream_id
+        self.terminal = terminal
+        self.occurred_at = occurred_at
+        self.observed = occurred_at is None
+        #: ``frame`` as an HTTP/1.1 chunk, encoded by the first direct write and then shared.
+        self.chunk: bytes | None = None
 
 
 class InvalidPayload(ValueError):

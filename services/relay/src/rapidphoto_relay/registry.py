@@ -1,10 +1,11 @@
 """Every open stream of the process, and the one ticker that serves them all.
 
-One task wakes every second and, for each open stream: writes a heartbeat comment when nothing was
-written for about ``SSE_HEARTBEAT_SECONDS`` (see ``heartbeat_after``); closes it with ``token-expired`` once its token's ``exp``
-(plus ``JWT_LEEWAY_SECONDS``) has passed; retries a resync that failed on a Redis error; and aborts a
-writer that has been stuck in ``send`` on a client that stopped reading after its stream was told to
-close. One ticker instead of a timer per stream keeps an idle stream down to a few objects.
+One task wakes every second and, for each open stream, asks its writer (``writer.py``) for: a
+heartbeat when nothing was written for about ``SSE_HEARTBEAT_SECONDS`` (see ``heartbeat_after``);
+the end with ``token-expired`` once its token's ``exp`` (plus ``JWT_LEEWAY_SECONDS``) has passed;
+and an abort of a task that has been stuck in ``send`` on a client that stopped reading after its
+stream was told to close. The ticker decides when; the writer does it. One ticker instead of a
+timer per stream keeps an idle stream down to a few objects.
 
 On shutdown (SIGTERM) every stream is told to close with ``shutdown``; writers still stuck after
 ``SHUTDOWN_ABORT_SECONDS`` are aborted, so the process is gone within PROTOCOL §5's 5 seconds.
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from rapidphoto_relay.subscriber import Subscriber
+from rapidphoto_relay.writer import StreamWriter
 
 log = logging.getLogger("rapidphoto_relay.registry")
 
@@ -70,7 +71,7 @@ class StreamRegistry:
     def __init__(self, heartbeat_seconds: float, leeway_seconds: float) -> None:
         self._heartbeat = heartbeat_seconds
         self._leeway = leeway_seconds
-        self._streams: set[Subscriber] = set()
+        self._streams: set[StreamWriter] = set()
         self._task: asyncio.Task[None] | None = None
         self._empty = asyncio.Event()
         self._empty.set()
@@ -81,15 +82,15 @@ class StreamRegistry:
     def __len__(self) -> int:
         return len(self._streams)
 
-    def add(self, subscriber: Subscriber) -> None:
-        subscriber.heartbeat_after = (
+    def add(self, writer: StreamWriter) -> None:
+        writer.heartbeat_after = (
             self._heartbeat * (1.0 - HEARTBEAT_JITTER * random.random()) - TICK_SECONDS / 2
         )
-        self._streams.add(subscriber)
+        self._streams.add(writer)
         self._empty.clear()
 
-    def remove(self, subscriber: Subscriber) -> None:
-        self._streams.discard(subscriber)
+    def remove(self, writer: StreamWriter) -> None:
+        self._streams.discard(writer)
         self._closed_since_trim += 1
         if not self._streams:
             self._empty.set()
@@ -117,39 +118,31 @@ class StreamRegistry:
             self._closed_since_trim = 0
             self._trim()
         expired_at = wall - self._leeway
-        for sub in self._streams:
-            if sub.close_reason is None:
-                if sub.expires_at <= expired_at:
-                    sub.close("token-expired")
-                elif now - sub.last_write >= sub.heartbeat_after and sub.writing_since is None:
-                    sink = sub.sink  # an idle writer's connection: written here, no wake-up
-                    if sink is None or not sink.heartbeat():
-                        sub.request_heartbeat()
-            elif sub.writing_since is not None and now - sub.writing_since > ABORT_GRACE_SECONDS:
-                abort(sub)
+        for writer in self._streams:
+            if writer.close_reason is None:
+                if writer.expires_at <= expired_at:
+                    writer.close("token-expired")
+                elif (
+                    now - writer.last_write >= writer.heartbeat_after
+                    and writer.writing_since is None
+                ):
+                    writer.heartbeat()
+            elif (
+                writer.writing_since is not None
+                and now - writer.writing_since > ABORT_GRACE_SECONDS
+            ):
+                writer.abort()
 
     async def shutdown(self, within: float) -> None:
         """Close every stream with ``shutdown``; abort the stuck ones; wait up to ``within`` seconds."""
         self.shutting_down = True
-        for sub in list(self._streams):
-            sub.close("shutdown")
+        for writer in list(self._streams):
+            writer.close("shutdown")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SHUTDOWN_ABORT_SECONDS):
                 await self._empty.wait()
-        for sub in list(self._streams):
-            abort(sub)
+        for writer in list(self._streams):
+            writer.abort()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.1, within - SHUTDOWN_ABORT_SECONDS)):
                 await self._empty.wait()
-
-
-def abort(sub: Subscriber) -> None:
-    """Cancel a stream's writer that cannot finish (the client is not reading).
-
-    The writer notices ``aborted``, swallows the cancellation and returns without completing the
-    response, which makes the server close the connection.
-    """
-    if sub.aborted or sub.task is None or sub.task.done():
-        return
-    sub.aborted = True
-    sub.task.cancel()

@@ -35,8 +35,7 @@ from rapidphoto_contract import keys
 from rapidphoto_contract.events import STATUS_COMPLETED, Failure, SessionSnapshot, progress_percent
 from rapidphoto_contract.stream_ids import StreamId, format_stream_id, parse_stream_id, successor
 from rapidphoto_relay import sse
-from rapidphoto_relay.payload import log_entry_message
-from rapidphoto_relay.subscriber import Message
+from rapidphoto_relay.payload import Message, log_entry_message
 
 #: PROTOCOL §4: a snapshot lists the 100 most recent failures at most.
 SNAPSHOT_FAILURES: Final = 100

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from rapidphoto_contract.redis_cancel import cancel_safe
 from rapidphoto_contract.redis_options import pool_options
 from rapidphoto_contract.settings import RelayConfig
-from rapidphoto_relay.direct import Coalescer
+from rapidphoto_relay.coalescer import Coalescer
 from rapidphoto_relay.hub import Hub
 from rapidphoto_relay.limits import ConnectionLimits
 from rapidphoto_relay.metrics import RelayMetrics
