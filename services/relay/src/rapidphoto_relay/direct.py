@@ -11,7 +11,9 @@ This needs the server's own connection object, which ASGI does not expose: :clas
 (the outermost ASGI layer, installed by ``main.py``) keeps the server's ``send`` in the scope, and
 :meth:`DirectWriter.attach` accepts it only from uvicorn's httptools protocol, once the response
 head has gone out with chunked transfer encoding. Anything else (another server, uvicorn's h11
-protocol, an in-process test client) keeps the ASGI path: same bytes, same order, just slower.
+protocol, an in-process test client, or a uvicorn whose private attributes no longer match:
+``uvicorn_seam.py`` turns :attr:`DirectWriter.enabled` off at start-up) keeps the ASGI path: same
+bytes, same order, just slower.
 
 The connection is written to only when a write cannot block: not when the server paused writing
 (the client is not reading; the frame is queued and the stream's task blocks in ``send`` as usual,
@@ -21,7 +23,7 @@ which is what makes a slow consumer visible) nor after the client went away. Cal
 
 from __future__ import annotations
 
-from typing import Any, Final, cast
+from typing import Any, ClassVar, Final, cast
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -62,6 +64,9 @@ class DirectWriter:
 
     __slots__ = ("_cycle", "_transport")
 
+    #: Off when uvicorn's private attributes are not the ones this class reads (``uvicorn_seam.py``).
+    enabled: ClassVar[bool] = True
+
     def __init__(self, cycle: Any) -> None:
         self._cycle = cycle
         self._transport = cycle.transport
@@ -73,6 +78,8 @@ class DirectWriter:
         Call it after ``http.response.start`` was sent: only then has the server chosen chunked
         encoding (it does when the response has no ``Content-Length``, as ours never has).
         """
+        if not cls.enabled:
+            return None
         send = cast("dict[str, Any]", scope).get(SERVER_SEND_KEY)
         cycle = getattr(send, "__self__", None)
         if type(cycle).__module__ != HTTPTOOLS_MODULE:

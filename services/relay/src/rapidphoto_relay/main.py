@@ -6,6 +6,9 @@ Settings come from the environment once, here (CONVENTIONS §4); ``--host``/``--
 Shutdown: uvicorn waits for open responses to finish before it runs the lifespan shutdown, and an
 SSE response never finishes by itself, so on SIGTERM/SIGINT :class:`RelayServer` first tells every
 stream to close (``STREAM_CLOSED shutdown``, PROTOCOL §5) and only then lets uvicorn proceed.
+
+Before serving, :func:`~rapidphoto_relay.uvicorn_seam.check_uvicorn` verifies the private parts of
+uvicorn the relay uses; what the installed uvicorn lacks is turned off with a WARNING.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging.config
 import socket
 import sys
 from types import FrameType
-from typing import Final
+from typing import Final, Literal
 
 import attrs
 import uvicorn
@@ -27,6 +31,7 @@ from rapidphoto_contract.settings import ConfigError, RelayConfig
 from rapidphoto_relay.app import SERVICES_STATE_KEY, create_app
 from rapidphoto_relay.connections import (
     FD_RESERVE,
+    HeadDeadlineProtocol,
     PendingConnections,
     protocol_class,
     raise_open_files_limit,
@@ -35,14 +40,16 @@ from rapidphoto_relay.direct import ServerSendCapture
 from rapidphoto_relay.headers import HeaderSizeLimit
 from rapidphoto_relay.logs import logging_config
 from rapidphoto_relay.services import RelayServices
+from rapidphoto_relay.uvicorn_seam import UvicornSeam, check_uvicorn
 
 #: PROTOCOL §5: all streams closed within 5 s of SIGTERM; uvicorn's own deadline is the backstop.
 SHUTDOWN_SECONDS: Final = 4.0
 
 
 class RelayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(self, config: uvicorn.Config, app: Litestar) -> None:
         super().__init__(config)
+        self._app = app
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown_task: asyncio.Future[None] | None = None
 
@@ -64,9 +71,8 @@ class RelayServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     def _close_streams(self) -> None:
-        app = self.config.loaded_app if self.config.loaded else None
-        services = _find_services(app)
-        if services is not None:
+        services = self._app.state.get(SERVICES_STATE_KEY)
+        if isinstance(services, RelayServices):
             self._shutdown_task = asyncio.ensure_future(
                 services.registry.shutdown(SHUTDOWN_SECONDS - 0.5)
             )
@@ -83,15 +89,12 @@ def _outer_layers(app: Litestar) -> ASGIApp:
     return ServerSendCapture(HeaderSizeLimit(app))
 
 
-def _find_services(app: object) -> RelayServices | None:
-    # uvicorn wraps the app in middleware (proxy headers); walk down to the Litestar app.
-    for _ in range(5):
-        state = getattr(app, "state", None)
-        if state is not None:
-            services = state.get(SERVICES_STATE_KEY) if hasattr(state, "get") else None
-            return services if isinstance(services, RelayServices) else None
-        app = getattr(app, "app", None)
-    return None
+def http_protocol(
+    seam: UvicornSeam, pending: PendingConnections
+) -> type[HeadDeadlineProtocol] | Literal["httptools"]:
+    """uvicorn's httptools protocol with the head deadline (connections.py), or the stock one
+    when the installed uvicorn lacks what it extends."""
+    return protocol_class(pending) if seam.head_deadline else "httptools"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         settings = attrs.evolve(settings, relay_host=args.host)
     if args.port is not None:
         settings = attrs.evolve(settings, relay_port=args.port)
+    # Before anything logs (uvicorn.Config applies the same configuration again).
+    logging.config.dictConfig(logging_config())
+    seam = check_uvicorn()
     app = create_app(settings)
     # Connections that have not sent a whole request head yet: deadline and cap (connections.py).
     pending = PendingConnections(
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.relay_host,
         port=settings.relay_port,
         loop="uvloop",
-        http=protocol_class(pending),  # uvicorn's httptools protocol, extended
+        http=http_protocol(seam, pending),  # uvicorn's httptools protocol, extended
         lifespan="on",
         log_config=logging_config(),
         access_log=True,
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     raise_open_files_limit(
         settings.relay_max_connections + settings.relay_max_pending_connections + FD_RESERVE
     )
-    RelayServer(config).run()
+    RelayServer(config, app).run()
 
 
 if __name__ == "__main__":
