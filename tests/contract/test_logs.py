@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from rapidphoto_contract.logs import FIELDS, JsonFormatter
+from rapidphoto_contract.logs import FIELDS, JsonFormatter, Throttle
 
 
 def record(
@@ -57,3 +57,15 @@ def test_other_extra_keys_are_fields_as_they_are() -> None:
 def test_a_fields_value_that_is_not_a_mapping_stays_one_field() -> None:
     data = json.loads(JsonFormatter().format(record("x", fields=["a", "b"])))
     assert data["fields"] == ["a", "b"]
+
+
+def test_a_throttle_says_one_line_per_interval_with_the_count_since_the_last() -> None:
+    now = [100.0]
+    throttle = Throttle(10.0, clock=lambda: now[0])
+    assert throttle.hit() == 1  # the first occurrence is always told
+    assert [throttle.hit() for _ in range(500)] == [None] * 500
+    now[0] += 9.9
+    assert throttle.hit() is None
+    now[0] += 0.1
+    assert throttle.hit() == 502  # everything since the last line, this one included
+    assert throttle.hit() is None

@@ -47,12 +47,12 @@ import asyncio
 import json
 import logging
 import resource
-import time
 from collections import OrderedDict
 from typing import ClassVar, Final, Literal
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from rapidphoto_contract.logs import Throttle
 from rapidphoto_relay.metrics import RelayMetrics
 
 log = logging.getLogger("rapidphoto_relay.connections")
@@ -85,8 +85,10 @@ class PendingConnections:
         # An OrderedDict, not a dict: closing the oldest must stay O(1) however many were removed.
         self._waiting: OrderedDict[HeadDeadlineProtocol, None] = OrderedDict()
         self._metrics = metrics
-        self._unlogged: dict[DropReason, int] = {"head-timeout": 0, "pending-limit": 0}
-        self._logged_at: dict[DropReason, float] = {"head-timeout": 0.0, "pending-limit": 0.0}
+        self._log: dict[DropReason, Throttle] = {
+            "head-timeout": Throttle(LOG_INTERVAL_SECONDS),
+            "pending-limit": Throttle(LOG_INTERVAL_SECONDS),
+        }
         if metrics is not None:
             metrics.pending_connections.set_function(lambda: len(self._waiting))
 
@@ -117,17 +119,14 @@ class PendingConnections:
         if self._metrics is not None:
             self._metrics.connections_closed.labels(reason).inc()
         # Under a flood this runs thousands of times a second: one line per interval, with a count.
-        self._unlogged[reason] += 1
-        now = time.monotonic()
-        if now - self._logged_at[reason] >= LOG_INTERVAL_SECONDS:
+        count = self._log[reason].hit()
+        if count is not None:
             log.warning(
                 "closed %d connection(s) waiting for a request head (%s) since the last such line",
-                self._unlogged[reason],
+                count,
                 reason,
                 extra={"reason": reason, "pending": len(self._waiting)},
             )
-            self._unlogged[reason] = 0
-            self._logged_at[reason] = now
 
 
 class HeadDeadlineProtocol(HttpToolsProtocol):

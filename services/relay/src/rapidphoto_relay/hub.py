@@ -22,13 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import time
 from collections.abc import Iterable
 from typing import Any, Final
 
+from redis.backoff import EqualJitterBackoff
 from redis.exceptions import RedisError
 
+from rapidphoto_contract.logs import Throttle
 from rapidphoto_relay.metrics import RelayMetrics
 from rapidphoto_relay.payload import InvalidPayload, parse_payload
 from rapidphoto_relay.transport import PubSubConnection, PubSubTransport
@@ -74,8 +74,7 @@ class Hub:
         self._transport = transport
         self._metrics = metrics
         self._ping_interval = ping_interval
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
+        self._jitter = EqualJitterBackoff(cap=backoff_cap, base=backoff_base)
         self._channels: dict[str, _Channel] = {}
         self._unacked: dict[str, int] = {}
         self._conn: PubSubConnection | None = None
@@ -85,8 +84,7 @@ class Hub:
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._last_read = 0.0
-        self._dropped_since_log = 0
-        self._last_drop_log = 0.0
+        self._drop_log = Throttle(DROP_LOG_INTERVAL)
         self.connected = False
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -222,10 +220,9 @@ class Hub:
             await asyncio.sleep(self._backoff(attempt))
 
     def _backoff(self, attempt: int) -> float:
-        # Full jitter (AWS architecture blog, "Exponential Backoff and Jitter"): relays restarted
-        # together must not reconnect in lockstep.
-        cap = min(self._backoff_cap, self._backoff_base * 2 ** min(attempt, 16))
-        return random.uniform(cap / 2, cap)
+        # Jittered (AWS architecture blog, "Exponential Backoff and Jitter"): relays restarted
+        # together must not reconnect in lockstep. Capped exponent: a float overflows past 2**1023.
+        return self._jitter.compute(min(attempt, 16))
 
     async def _resubscribe_all(self) -> None:
         names = list(self._channels)
@@ -321,21 +318,18 @@ class Hub:
 
     def _dropped(self, channel: bytes, data: bytes, reason: str, *, exc_info: bool = False) -> None:
         self._metrics.events_dropped.labels(reason).inc()
-        self._dropped_since_log += 1
-        now = time.monotonic()
-        if now - self._last_drop_log >= DROP_LOG_INTERVAL:
+        count = self._drop_log.hit()
+        if count is not None:
             log.warning(
                 "dropped invalid channel payload",
                 extra={
                     "channel": channel.decode(errors="replace"),
                     "reason": reason,
                     "bytes": len(data),
-                    "dropped_since_last_line": self._dropped_since_log,
+                    "dropped_since_last_line": count,
                 },
                 exc_info=exc_info,
             )
-            self._dropped_since_log = 0
-            self._last_drop_log = now
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
@@ -21,6 +20,7 @@ from arq import Retry, func
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Function, get_kwargs
 from redis import exceptions as redis_errors
+from redis.backoff import EqualJitterBackoff
 
 from rapidphoto_contract.ids import is_valid_id
 from rapidphoto_contract.jobs import (
@@ -70,6 +70,7 @@ HEALTH_CHECK_INTERVAL_SECONDS: Final = 10
 
 #: After losing Redis, main() restarts the arq worker with exponential backoff up to this cap…
 RESTART_BACKOFF_CAP_SECONDS: Final = 10.0
+RESTART_BACKOFF: Final = EqualJitterBackoff(cap=RESTART_BACKOFF_CAP_SECONDS, base=0.5)
 #: …and starts the backoff over when the previous run lasted at least this long.
 RESTART_RESET_SECONDS: Final = 60.0
 
@@ -290,8 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             # the connection. Start again rather than exit, so one Redis restart does not take
             # every worker down with it; jobs it held run again (the scripts make that safe).
             attempt = 1 if time.monotonic() - began > RESTART_RESET_SECONDS else attempt + 1
-            delay = min(RESTART_BACKOFF_CAP_SECONDS, 0.5 * 2 ** (attempt - 1))
-            delay *= random.uniform(0.5, 1.0)  # full jitter: workers must not reconnect in lockstep
+            # jittered: workers must not reconnect in lockstep
+            delay = RESTART_BACKOFF.compute(min(attempt - 1, 16))
             log.warning(
                 "lost Redis, restarting the worker in %.1f s: %s",
                 delay,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from importlib import resources
 from typing import Final
@@ -31,6 +30,8 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
 from redis.exceptions import OutOfMemoryError
+
+from rapidphoto_contract.logs import Throttle
 
 CLAIM_SCRIPT: Final = (resources.files(__package__) / "lua" / "claim_jobs.lua").read_text(
     encoding="utf-8"
@@ -47,7 +48,7 @@ class BatchClaimWorker(Worker):
     """An arq ``Worker`` whose ``start_jobs`` claims jobs in batches (see the module docstring)."""
 
     _claim: AsyncScript | None = None
-    _oom_logged_at: float = 0.0
+    _oom_log: Throttle | None = None
 
     async def _poll_iteration(self) -> None:
         """arq's poll step, surviving a Redis that is out of memory.
@@ -61,9 +62,9 @@ class BatchClaimWorker(Worker):
         try:
             await super()._poll_iteration()
         except OutOfMemoryError as exc:
-            now = time.monotonic()
-            if now - self._oom_logged_at >= OUT_OF_MEMORY_LOG_INTERVAL:
-                self._oom_logged_at = now
+            if self._oom_log is None:
+                self._oom_log = Throttle(OUT_OF_MEMORY_LOG_INTERVAL)
+            if self._oom_log.hit() is not None:
                 log.warning("Redis is out of memory, waiting: %s", exc)
             await asyncio.sleep(OUT_OF_MEMORY_BACKOFF_SECONDS)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 #: ``logger.info(msg, extra={FIELDS: {...}})`` adds those fields to the line.
@@ -47,3 +48,26 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class Throttle:
+    """One log line per ``interval`` seconds about something that may happen thousands of times a
+    second (a flood of bad payloads, of half-sent requests, a Redis out of memory): each
+    :meth:`hit` counts one occurrence, and returns how many there were since the last line when a
+    line is due, else ``None``."""
+
+    __slots__ = ("_clock", "_count", "_last", "interval")
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._count = 0
+        self._last = -float("inf")
+
+    def hit(self) -> int | None:
+        self._count += 1
+        now = self._clock()
+        if now - self._last < self.interval:
+            return None
+        count, self._count, self._last = self._count, 0, now
+        return count
