@@ -6,30 +6,46 @@ import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from rapidphoto_contract import events, keys
+from rapidphoto_contract import events, keys, lua_scripts
 from rapidphoto_contract.jobs import JOB_NAMES
 from rapidphoto_worker import scripts
 from rapidphoto_worker.context import WorkerContext
 
 
 @pytest.mark.parametrize("name", JOB_NAMES)
-def test_each_script_is_contract_constants_then_lib_then_the_command(name: str) -> None:
+def test_each_script_is_the_contract_lua_then_lib_then_the_command(name: str) -> None:
     source = scripts.script_source(name)
 
+    assert source == lua_scripts.build(scripts._read("lib.lua"), scripts._read(f"{name}.lua"))
     # Field names, marks and event types come from the contract, not from the Lua files.
     assert f'local F_OWNER = "{keys.STATE_OWNER}"' in source
     assert f'local FAILED_PREFIX = "{keys.PHOTO_FAILED_PREFIX}"' in source
-    assert f'local LOG_FIELD_DATA = "{keys.LOG_FIELD_DATA}"' in source
     assert f'local NOTIFICATION = "{events.NOTIFICATION}"' in source
-    constants = source.index("local F_OWNER")
-    lib = source.index("local function next_id")
-    command = source.index(f"-- {name} (PROTOCOL")
-    assert constants < lib < command
+    order = [
+        "local F_OWNER",  # generated constants
+        "local function stream_id_cmp",  # contract: stream_ids.lua
+        "local function jstr",  # contract: json.lua
+        f'ENCODERS["{events.PHOTO_UPLOADED}"]',  # generated from events.py
+        "local function session_read",  # contract: session_state.lua
+        "local function next_id",  # worker: lib.lua
+        f"-- {name} (PROTOCOL",  # worker: the command
+    ]
+    assert [source.index(part) for part in order] == sorted(source.index(p) for p in order)
 
 
-def test_every_constant_the_scripts_use_is_defined() -> None:
+def test_the_worker_lua_never_touches_the_state_encoding_itself() -> None:
+    # The hash fields and photo marks are the contract's session_state.lua's alone (issue 10).
+    for name in ("lib.lua", *(f"{job}.lua" for job in JOB_NAMES)):
+        own = scripts._read(name)
+        for constant in ("F_OWNER", "F_TOTAL", "F_STATUS", "UPLOADED_MARK", "FAILED_PREFIX"):
+            assert constant not in own, f"{name} uses {constant}"
+        for command in ("HSET", "HGET", "HMGET", "HINCRBY"):
+            assert command not in own, f"{name} uses {command}"
+
+
+def test_every_constant_is_used() -> None:
     lua = "".join(scripts.script_source(name) for name in JOB_NAMES)
-    for name in scripts.CONSTANTS:
+    for name in lua_scripts.CONSTANTS:
         assert f"local {name} = " in lua
         assert lua.count(name) > 1, f"{name} is defined but never used"
 
@@ -37,7 +53,7 @@ def test_every_constant_the_scripts_use_is_defined() -> None:
 def test_unknown_scripts_and_unsafe_constants_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="no script"):
         scripts.script_source("drop_everything")
-    monkeypatch.setitem(scripts.CONSTANTS, "F_OWNER", 'own"er\n')
+    monkeypatch.setitem(lua_scripts.CONSTANTS, "F_OWNER", 'own"er\n')
     with pytest.raises(ValueError, match="printable ASCII"):
         scripts.script_source(JOB_NAMES[0])
 

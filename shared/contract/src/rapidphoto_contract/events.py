@@ -2,9 +2,11 @@
 
 Wire format: one compact JSON object (``separators=(",", ":")``, UTF-8, not ASCII-escaped) whose
 keys appear in a fixed order: ``type``, then ``eventId`` and ``occurredAt`` when present, then the
-event's own fields in the order they are declared below. The worker's Lua scripts build the same
-bytes for the events they publish (``services/worker/.../lua/lib.lua``); the tests hold both to the
-golden strings in ``tests/contract/test_events.py``.
+event's own fields in the order they are declared below. The classes are the one source of that
+order and of the names: the worker's Lua scripts publish through encoders generated from them
+(:mod:`rapidphoto_contract.lua_scripts`). The tests hold both to the golden strings in
+``tests/contract/test_events.py``, and every payload the scripts publish to ``decode_event`` then
+``to_json``, byte for byte (``tests/worker/test_wire.py``).
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def dumps(obj: Mapping[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def _camel(name: str) -> str:
+def wire_name(name: str) -> str:
+    """The camelCase wire name of an event attribute (``session_id`` -> ``sessionId``)."""
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
 
@@ -80,7 +83,7 @@ class _Event:
                 continue  # optional fields are omitted, never null
             if isinstance(value, tuple):
                 value = [item.to_dict() if hasattr(item, "to_dict") else item for item in value]
-            out[_camel(field.name)] = value
+            out[wire_name(field.name)] = value
         return out
 
     def to_json(self) -> str:
@@ -90,7 +93,7 @@ class _Event:
     def from_dict(cls, data: Mapping[str, Any]) -> Any:
         kwargs: dict[str, Any] = {}
         for field in attrs.fields(cls):
-            key = _camel(field.name)
+            key = wire_name(field.name)
             if key in data:
                 kwargs[field.name] = data[key]
             elif field.default is attrs.NOTHING:

@@ -81,7 +81,8 @@ STATE_FAILED: Final = "failed"
 STATE_STATUS: Final = "status"  # IN_PROGRESS | COMPLETED
 STATE_FAILURE_SEQ: Final = "fseq"  # counter giving failures their order in the failures set
 
-#: Photos hash values: ``U`` for uploaded, ``F:<reason>`` for failed.
+#: Photos hash values: ``U`` for uploaded, ``F:<reason>`` for failed. In Lua only the contract's
+#: ``lua/session_state.lua`` encodes or decodes them (PROTOCOL §10).
 PHOTO_UPLOADED_MARK: Final = "U"
 PHOTO_FAILED_PREFIX: Final = "F:"
 

@@ -8,18 +8,17 @@ if early then
   return early
 end
 
-local mark = redis.call('HGET', k.photos, a.photo_id)
-if mark == UPLOADED_MARK then
+local outcome = photo_outcome(k, a.photo_id)
+if outcome == 'uploaded' then
   return {'duplicate'}
 end
-if mark then
+if outcome then
   -- Failed before: the latest outcome wins, so the photo moves from failed to uploaded and leaves
   -- the list of current failures. It is not a new distinct photo, so the total is no limit here.
   session.failed = session.failed - 1
-  redis.call('ZREM', k.failures, a.photo_id)
 elseif session.uploaded + session.failed >= session.total then
   return {'too_many'}
 end
 session.uploaded = session.uploaded + 1
-redis.call('HSET', k.photos, a.photo_id, UPLOADED_MARK)
-return apply_photo_event(k, a, session, PHOTO_UPLOADED, ',"photoId":' .. jstr(a.photo_id))
+photo_set_uploaded(k, a.photo_id, outcome ~= nil)
+return apply_photo_event(k, a, session, PHOTO_UPLOADED, {photo_id = a.photo_id})

@@ -14,16 +14,13 @@ end
 -- Already failed: nothing changes, not even the reason. The first report is the one clients have
 -- seen, and a redelivered job must not publish again; a later report of the same outcome is treated
 -- the same way, because telling the two apart would need a delivery id the contract does not have.
-if redis.call('HEXISTS', k.photos, a.photo_id) == 1 then
+if photo_outcome(k, a.photo_id) then
   return {'duplicate'}
 end
 if session.uploaded + session.failed >= session.total then
   return {'too_many'}
 end
 session.failed = session.failed + 1
--- fseq orders the failures set, so a snapshot can list the most recent failures (PROTOCOL §4).
-local seq = redis.call('HINCRBY', k.state, F_FAILURE_SEQ, 1)
-redis.call('HSET', k.photos, a.photo_id, FAILED_PREFIX .. reason)
-redis.call('ZADD', k.failures, seq, a.photo_id)
-return apply_photo_event(k, a, session, PHOTO_FAILED,
-  ',"photoId":' .. jstr(a.photo_id) .. ',"reason":' .. reason_json)
+photo_set_failed(k, a.photo_id, reason)
+-- The reason is free text: its JSON comes from Python (the encoder inserts it as it is).
+return apply_photo_event(k, a, session, PHOTO_FAILED, {photo_id = a.photo_id, reason = reason_json})

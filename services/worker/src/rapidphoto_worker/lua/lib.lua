@@ -1,36 +1,25 @@
--- lib.lua: helpers shared by the command scripts. scripts.py loads each command as
---   <constants generated from rapidphoto_contract> .. lib.lua .. <command>.lua
--- so everything here is a local of that one script (a Redis script cannot load another).
+-- lib.lua: helpers shared by the command scripts. scripts.py builds each command with
+-- rapidphoto_contract.lua_scripts.build(lib.lua, <command>.lua): after the contract's generated
+-- constants, its Lua libraries (stream_ids, json, the ENCODERS of the events, session_state), so
+-- everything here is a local of that one script (a Redis script cannot load another).
 --
 -- Every command keeps the same shape (PROTOCOL §1, §6): read the session, decide, change the state,
 -- append each resulting event to its log and PUBLISH the same bytes, refresh the TTLs. A script runs
 -- atomically, so no client ever sees a state change without its event, or the other way round.
-
--- JSON string, byte-identical to Python's json.dumps(s, ensure_ascii=False) for the strings we pass
--- through here: ids (validated to [A-Za-z0-9_-]), event types, timestamps. cjson also escapes "/",
--- which Python does not; undo that. (cjson escapes DEL too, so free text such as a failure reason is
--- encoded by Python with the contract's own encoder and passed in ready-made; see commands.py.)
-local function jstr(s)
-  return (string.gsub(cjson.encode(s), '\\/', '/'))
-end
-
--- Lua numbers are doubles; counts are small integers, so %d prints them exactly.
-local function jint(n)
-  return string.format('%d', n)
-end
 
 -- The id the next entry of a stream will get. We choose it ourselves (rather than XADD '*') because the
 -- payload we store and publish must contain its own id: a client's Last-Event-ID is that id (PROTOCOL §4).
 -- Same rule as Redis uses for '*': the current ms with sequence 0, or, if the clock has not moved past
 -- the newest entry (same ms, or a clock that went backwards), that entry's ms with the next sequence.
 -- The newest entry is the last id ever generated because nothing XDELs from our logs and approximate
--- MAXLEN trimming never removes the newest entry.
+-- MAXLEN trimming never removes the newest entry (PROTOCOL §10).
 local function next_id(log_key)
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local newest = redis.call('XREVRANGE', log_key, '+', '-', 'COUNT', 1)
   if #newest > 0 then
-    local ms, seq = string.match(newest[1][1], '^(%d+)-(%d+)$')
+    local ms, seq = stream_id_parts(newest[1][1])
+    -- As numbers: a ms is far below 2^53, and so is any sequence this rule generates.
     ms, seq = tonumber(ms), tonumber(seq)
     if now_ms <= ms then
       -- %.0f: these exceed 2^31, which %d would not print correctly on every Lua build.
@@ -40,26 +29,30 @@ local function next_id(log_key)
   return string.format('%.0f-0', now_ms)
 end
 
--- Append one event to a log and publish the same payload. `fields` is the JSON text of the event's
--- own fields, starting with a comma; the envelope (type, eventId, occurredAt) comes first, in the wire
--- order of rapidphoto_contract.events. Returns the entry id.
-local function emit(log_key, channel, maxlen, occurred_at, event_type, fields)
+-- Append one event to a log and publish the same payload (PROTOCOL §4). `e` holds the event's
+-- fields but its id, keyed by the event class's attribute names; the contract's generated encoder
+-- writes them in wire order. Returns the entry id.
+local function emit(log_key, channel, maxlen, event_type, e)
   local id = next_id(log_key)
-  local payload = '{"type":' .. jstr(event_type) .. ',"eventId":' .. jstr(id)
-    .. ',"occurredAt":' .. jstr(occurred_at) .. fields .. '}'
+  e.event_id = id
+  local payload = ENCODERS[event_type](e)
   redis.call('XADD', log_key, 'MAXLEN', '~', maxlen, id,
     LOG_FIELD_TYPE, event_type, LOG_FIELD_DATA, payload)
   redis.call('PUBLISH', channel, payload)
   return id
 end
 
--- The progress fields every session event ends with (PROTOCOL §4), in wire order.
-local function progress_fields(total, uploaded, failed, status)
-  return ',"totalPhotos":' .. jint(total)
-    .. ',"uploadedPhotos":' .. jint(uploaded)
-    .. ',"failedPhotos":' .. jint(failed)
-    .. ',"progressPercent":' .. jint(math.floor(100 * (uploaded + failed) / total))
-    .. ',"status":' .. jstr(status)
+-- The fields of a session event (PROTOCOL §4): the progress fields, counts from `session`.
+local function session_event(a, session, status)
+  return {
+    occurred_at = a.occurred_at,
+    session_id = a.session_id,
+    total_photos = session.total,
+    uploaded_photos = session.uploaded,
+    failed_photos = session.failed,
+    progress_percent = math.floor(100 * (session.uploaded + session.failed) / session.total),
+    status = status,
+  }
 end
 
 -- SESSION_TTL_SECONDS counts from a session's last change (PROTOCOL §2): every key of the session, and
@@ -70,54 +63,44 @@ local function refresh_ttl(keys, ttl)
   end
 end
 
--- The session's state hash as numbers, or nil if the session does not exist.
-local function read_session(state_key)
-  local s = redis.call('HMGET', state_key, F_OWNER, F_TOTAL, F_UPLOADED, F_FAILED, F_STATUS)
-  if not s[1] then
-    return nil
-  end
-  return {
-    owner = s[1],
-    total = tonumber(s[2]),
-    uploaded = tonumber(s[3]),
-    failed = tonumber(s[4]),
-    status = s[5],
-  }
-end
-
 -- Shared tail of the two photo commands: save the new counts, publish the photo event and, when
 -- uploaded + failed reaches the total for the first time, complete the session (PROTOCOL §3): status
 -- COMPLETED, SESSION_COMPLETED on the session log and channel, a notification on the owner's.
 -- The photo event carries the status from before completion; SESSION_COMPLETED is the transition.
--- Returns the reply for Python: {'applied', photo event id[, completed id, notification id]}.
-local function apply_photo_event(k, a, session, event_type, photo_fields)
-  redis.call('HSET', k.state, F_UPLOADED, session.uploaded, F_FAILED, session.failed)
+-- `photo` adds the photo event's own fields. Returns the reply for Python:
+-- {'applied', photo event id[, completed id, notification id]}.
+local function apply_photo_event(k, a, session, event_type, photo)
+  session_save_counts(k, session)
   local reply = {'applied'}
-  reply[2] = emit(k.log, a.session_channel, a.maxlen, a.occurred_at, event_type,
-    ',"sessionId":' .. jstr(a.session_id) .. photo_fields
-    .. progress_fields(session.total, session.uploaded, session.failed, session.status))
+  local event = session_event(a, session, session.status)
+  for name, value in pairs(photo) do
+    event[name] = value
+  end
+  reply[2] = emit(k.log, a.session_channel, a.maxlen, event_type, event)
   if session.status ~= STATUS_COMPLETED and session.uploaded + session.failed >= session.total then
-    redis.call('HSET', k.state, F_STATUS, STATUS_COMPLETED)
-    reply[3] = emit(k.log, a.session_channel, a.maxlen, a.occurred_at, SESSION_COMPLETED,
-      ',"sessionId":' .. jstr(a.session_id)
-      .. progress_fields(session.total, session.uploaded, session.failed, STATUS_COMPLETED))
-    reply[4] = emit(k.user_log, a.user_channel, a.maxlen, a.occurred_at, NOTIFICATION,
-      ',"kind":' .. jstr(KIND_UPLOAD_SESSION_COMPLETED)
-      .. ',"userId":' .. jstr(a.owner)
-      .. ',"sessionId":' .. jstr(a.session_id)
-      .. ',"totalPhotos":' .. jint(session.total)
-      .. ',"uploadedPhotos":' .. jint(session.uploaded)
-      .. ',"failedPhotos":' .. jint(session.failed))
+    session_save_status(k, STATUS_COMPLETED)
+    reply[3] = emit(k.log, a.session_channel, a.maxlen, SESSION_COMPLETED,
+      session_event(a, session, STATUS_COMPLETED))
+    reply[4] = emit(k.user_log, a.user_channel, a.maxlen, NOTIFICATION, {
+      occurred_at = a.occurred_at,
+      kind = KIND_UPLOAD_SESSION_COMPLETED,
+      user_id = a.owner,
+      session_id = a.session_id,
+      total_photos = session.total,
+      uploaded_photos = session.uploaded,
+      failed_photos = session.failed,
+    })
   end
   refresh_ttl(KEYS, a.ttl)
   return reply
 end
 
--- KEYS and the ARGV prefix shared by the photo commands (commands.py builds them in this order).
+-- KEYS and the ARGV prefix shared by the photo commands (commands.py builds them in this order):
+-- the session's keys (keys.session_keys), then the owner's notification log.
 local function photo_keys()
-  return {
-    state = KEYS[1], photos = KEYS[2], failures = KEYS[3], log = KEYS[4], user_log = KEYS[5],
-  }
+  local k = session_keys(KEYS)
+  k.user_log = KEYS[5]
+  return k
 end
 
 local function photo_args()
@@ -138,7 +121,7 @@ end
 -- is given); it never changes once set, but the session may have expired and been started again by
 -- someone else in between, so check rather than trust it.
 local function load_photo_session(k, a)
-  local session = read_session(k.state)
+  local session = session_read(k)
   if not session then
     return nil, {'not_found'}
   end

@@ -2,24 +2,23 @@
 -- KEYS: state, photos, failures, log, owner's notification log
 -- ARGV: session_id, user_id, total_photos, occurred_at, maxlen, ttl, session_channel
 -- Reply: {'applied', event id} | {'duplicate'} (same owner and total) | {'conflict'}
-local state_key, log_key = KEYS[1], KEYS[4]
-local session_id, user_id, total = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local occurred_at, maxlen, ttl, channel = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local k = session_keys(KEYS)
+local a = {session_id = ARGV[1], occurred_at = ARGV[4]}
+local user_id, total = ARGV[2], tonumber(ARGV[3])
+local maxlen, ttl, channel = ARGV[5], ARGV[6], ARGV[7]
 
-local existing = redis.call('HMGET', state_key, F_OWNER, F_TOTAL)
-if existing[1] then
+local existing = session_read(k)
+if existing then
   -- Starting again is harmless when it says the same thing (a redelivered job), and must change
   -- nothing when it does not: the owner decides who may watch the session.
-  if existing[1] == user_id and tonumber(existing[2]) == total then
+  if existing.owner == user_id and existing.total == total then
     return {'duplicate'}
   end
   return {'conflict'}
 end
 
-redis.call('HSET', state_key,
-  F_OWNER, user_id, F_TOTAL, total, F_UPLOADED, 0, F_FAILED, 0,
-  F_STATUS, STATUS_IN_PROGRESS, F_FAILURE_SEQ, 0)
-local id = emit(log_key, channel, maxlen, occurred_at, SESSION_STARTED,
-  ',"sessionId":' .. jstr(session_id) .. progress_fields(total, 0, 0, STATUS_IN_PROGRESS))
+session_create(k, user_id, total)
+local id = emit(k.log, channel, maxlen, SESSION_STARTED,
+  session_event(a, {total = total, uploaded = 0, failed = 0}, STATUS_IN_PROGRESS))
 refresh_ttl(KEYS, ttl)
 return {'applied', id}
