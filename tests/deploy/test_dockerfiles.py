@@ -249,7 +249,9 @@ def test_built_environment_holds_this_deployable_only(built: dict[str, Path], pa
     site = next((venv / "lib").glob("python3*/site-packages"))
     module = package.replace("-", "_")
     assert (site / module / "__init__.py").is_file()
-    if package == "rapidphoto-relay":  # package data, read with importlib.resources
+    # Package data, read with importlib.resources: the contract's Lua, in every script of both.
+    assert (site / "rapidphoto_contract" / "lua" / "session_state.lua").is_file()
+    if package == "rapidphoto-relay":
         assert (site / module / "lua" / "sync_session.lua").is_file()
         assert (site / module / "static" / "demo.html").is_file()
     for pth in site.glob("*.pth"):

@@ -25,7 +25,6 @@ subscribed, so notifications racing the subscription are still delivered once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any, Final, Literal
 
 import attrs
@@ -33,6 +32,7 @@ import redis.asyncio as aioredis
 
 from rapidphoto_contract import keys
 from rapidphoto_contract.events import STATUS_COMPLETED, Failure, SessionSnapshot, progress_percent
+from rapidphoto_contract.lua_scripts import build, read_lua
 from rapidphoto_contract.stream_ids import StreamId, format_stream_id, parse_stream_id, successor
 from rapidphoto_relay import sse
 from rapidphoto_relay.payload import Message, log_entry_message
@@ -40,11 +40,10 @@ from rapidphoto_relay.payload import Message, log_entry_message
 #: PROTOCOL §4: a snapshot lists the 100 most recent failures at most.
 SNAPSHOT_FAILURES: Final = 100
 
-#: The session read of the module docstring, one Lua script (``lua/sync_session.lua``, shipped
-#: inside the package and read once at import: a missing file stops the relay at start-up).
-SYNC_SESSION_LUA: Final = (
-    resources.files(__package__).joinpath("lua", "sync_session.lua").read_text(encoding="utf-8")
-)
+#: The session read of the module docstring, one Lua script: ``lua/sync_session.lua`` (package
+#: data) after the contract's Lua, through which it reads the state the worker's scripts write.
+#: Built once at import: a missing file stops the relay at start-up.
+SYNC_SESSION_LUA: Final = build(read_lua(__package__, "sync_session.lua"))
 
 
 def _text(value: Any) -> str:
@@ -124,22 +123,11 @@ class LogReader:
     async def sync_session(self, session_id: str, after: StreamId | None) -> SessionSync:
         """Entries after ``after`` if the log still covers it, else a snapshot (PROTOCOL §5)."""
         reply = await self._sync_session(
-            keys=[
-                keys.session_state_key(session_id),
-                keys.session_failures_key(session_id),
-                keys.session_photos_key(session_id),
-                keys.session_log_key(session_id),
-            ],
+            keys=keys.session_keys(session_id),
             args=[
                 "" if after is None else format_stream_id(after),
                 "" if after is None else format_stream_id(successor(after)),
                 SNAPSHOT_FAILURES,
-                keys.PHOTO_FAILED_PREFIX,
-                keys.STATE_OWNER,
-                keys.STATE_TOTAL,
-                keys.STATE_UPLOADED,
-                keys.STATE_FAILED,
-                keys.STATE_STATUS,
             ],
         )
         outcome = _text(reply[0])
