@@ -1,4 +1,4 @@
-"""Properties of job decoding (SPEC §3; issue 9): arbitrary bytes and arbitrary JSON arguments."""
+"""Properties of job decoding (PROTOCOL §3; issue 9): arbitrary bytes and arbitrary JSON arguments."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_json_objects_round_trip(obj: dict[str, Any]) -> None:
 def test_arbitrary_arguments_are_a_command_or_invalid_command(
     command: Any, kwargs: dict[str, Any]
 ) -> None:
-    """Rule (SPEC §3): any keyword arguments give a valid command or ``InvalidCommand`` with a
+    """Rule (PROTOCOL §3): any keyword arguments give a valid command or ``InvalidCommand`` with a
     clear message (never another exception, which a worker would report as a crash); a valid one
     has ids matching ``^[A-Za-z0-9_-]{1,128}$``, a session id other than ``notifications``,
     ``total_photos`` in 1..10000 and a non-blank reason of at most 1024 characters."""

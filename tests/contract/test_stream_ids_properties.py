@@ -1,4 +1,4 @@
-"""Properties of stream entry ids and ``Last-Event-ID`` parsing (SPEC §4, §5; issue 9)."""
+"""Properties of stream entry ids and ``Last-Event-ID`` parsing (PROTOCOL §4, §5; issue 9)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_successor_is_the_next_id(sid: tuple[int, int]) -> None:
 @example(value="18446744073709551616-0")  # 2**64: past Redis's range
 @example(value="\u0661-\u0660")  # Arabic-Indic digits: str.isdigit() says yes, Redis says no
 def test_any_text_is_an_id_or_none(value: str) -> None:
-    """Rule (SPEC §5): a ``Last-Event-ID`` (header or ``lastEventId``) is a complete entry id or
+    """Rule (PROTOCOL §5): a ``Last-Event-ID`` (header or ``lastEventId``) is a complete entry id or
     malformed (``None``, a snapshot); any text at all gives one of the two, never an error."""
     assert parse_stream_id(value) == _expected(value)
 

@@ -1,4 +1,4 @@
-"""Properties of the token sources (SPEC §5; issue 9): arbitrary header, cookie and query values.
+"""Properties of the token sources (PROTOCOL §5; issue 9): arbitrary header, cookie and query values.
 
 At the unit level through :class:`Authenticator` (the guard's work) on ASGI scopes carrying any
 bytes, and a small sample over real HTTP against the shared relay.
@@ -85,7 +85,7 @@ queries = (
 def test_any_token_source_value_is_a_clean_401(
     authorization: bytes | str | None, cookie: bytes | str | None, query: bytes
 ) -> None:
-    """Rule (SPEC §5): whatever the ``Authorization`` header, cookie and ``access_token`` query
+    """Rule (PROTOCOL §5): whatever the ``Authorization`` header, cookie and ``access_token`` query
     hold (none of them a valid token), the answer is 401 with ``WWW-Authenticate: Bearer`` when no
     source is present and ``Bearer error="invalid_token"`` when one is, and a body that is one of
     a few fixed sentences (so it never echoes the token); never another error (a 5xx)."""
@@ -103,7 +103,7 @@ def test_any_token_source_value_is_a_clean_401(
 def test_the_first_source_present_decides(
     cookie: bytes | str | None, query: bytes, junk: str
 ) -> None:
-    """Rule (SPEC §5): an invalid bearer token is refused even when a valid token sits in the
+    """Rule (PROTOCOL §5): an invalid bearer token is refused even when a valid token sits in the
     cookie or the query: the first source present decides."""
     valid = mint_token("u1", key=TEST_SECRET)
     connection = _connection(
@@ -127,7 +127,7 @@ printable = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_s
 def test_over_http_any_token_gets_401_without_echo(
     relay: Relay, header: str | None, cookie: str | None, query: str | None
 ) -> None:
-    """Rule (SPEC §5), through the real relay: any visible-ASCII header, cookie and query token gets
+    """Rule (PROTOCOL §5), through the real relay: any visible-ASCII header, cookie and query token gets
     401 with the right ``WWW-Authenticate`` and a JSON error that does not echo the token."""
     headers = {} if header is None else {"Authorization": f"Bearer {header}"}
     if cookie is not None:

@@ -1,4 +1,4 @@
-"""Properties of the channel payload check (SPEC §4) for arbitrary bytes and JSON (issue 9)."""
+"""Properties of the channel payload check (PROTOCOL §4) for arbitrary bytes and JSON (issue 9)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _check(data: bytes) -> Message | InvalidPayload:
 @example(data=b"[" * 2000 + b"]" * 2000)  # RecursionError ended the hub's reader
 @example(data=b'{"type":"X","x":"\\ud800"}')
 def test_arbitrary_bytes_are_a_message_or_invalid_payload(data: bytes) -> None:
-    """Rule (SPEC §4): any bytes at all are either a framed message or ``InvalidPayload`` with a
+    """Rule (PROTOCOL §4): any bytes at all are either a framed message or ``InvalidPayload`` with a
     reason; no other exception, which the hub would otherwise have to survive."""
     result = _check(data)
     if isinstance(result, InvalidPayload):
@@ -76,7 +76,7 @@ def test_arbitrary_bytes_are_a_message_or_invalid_payload(data: bytes) -> None:
 @example(obj={"type": "X", "eventId": "18446744073709551616-0"})  # past 64 bits: no id
 @example(obj={"type": "X", "eventId": " 1-0"})
 def test_valid_payloads_keep_type_and_only_real_log_ids(obj: dict[str, Any]) -> None:
-    """Rule (SPEC §4, §5): a JSON object is accepted iff its ``type`` is a string matching
+    """Rule (PROTOCOL §4, §5): a JSON object is accepted iff its ``type`` is a string matching
     ``^[A-Za-z0-9_.-]{1,64}$``; the frame then carries that ``event:``, the payload's exact bytes
     as ``data:``, and an ``id:`` only when ``eventId`` is a log entry id (``<ms>-<seq>``, 64-bit
     parts); ``SESSION_COMPLETED`` with such an id is terminal."""
@@ -105,7 +105,7 @@ def test_valid_payloads_keep_type_and_only_real_log_ids(obj: dict[str, Any]) -> 
 @settings(max_examples=50, deadline=None)
 @given(pad=st.integers(0, 64))
 def test_size_limit_is_exact(pad: int) -> None:
-    """Rule (SPEC §4): at most 64 KiB is accepted, one byte more is ``too-large``."""
+    """Rule (PROTOCOL §4): at most 64 KiB is accepted, one byte more is ``too-large``."""
     head = b'{"type":"ok","pad":"'
     fill = MAX_PAYLOAD_BYTES - len(head) - 2 - pad
     assert isinstance(_check(head + b"x" * fill + b'"}'), Message)

@@ -81,7 +81,7 @@ def _sendable(text: str) -> str:
 
 
 def _field_value(text: str) -> str:
-    """A field value as framed: CR, LF and NUL stripped (SPEC §5 framing rule), surrogates dropped."""
+    """A field value as framed: CR, LF and NUL stripped (PROTOCOL §5 framing rule), surrogates dropped."""
     return re.sub(r"[\r\n\x00]", "", _sendable(text))
 
 

@@ -1,7 +1,7 @@
 """Pure Server-Sent Events framing (WHATWG HTML §9.2, "Server-sent events").
 
 Everything here returns ready-to-send ``bytes``: the hub frames each message once and hands the same
-object to every stream (STYLE §6). Rules that matter for correctness:
+object to every stream (CONVENTIONS §6). Rules that matter for correctness:
 
 - a field value never contains CR or LF, or the client would read the rest as another field, so
   ``id`` and ``event`` are stripped of them (and ``id`` of NUL, which makes browsers ignore it);
@@ -57,11 +57,11 @@ def comment(text: str = "") -> bytes:
 
 
 def retry(milliseconds: int) -> bytes:
-    """The reconnection delay frame, sent alone and first (SPEC §5)."""
+    """The reconnection delay frame, sent alone and first (PROTOCOL §5)."""
     if milliseconds < 0:
         raise ValueError("retry must be non-negative")
     return b"retry: %d\n\n" % milliseconds
 
 
-#: The heartbeat every idle stream gets (SPEC §5); built once.
+#: The heartbeat every idle stream gets (PROTOCOL §5); built once.
 HEARTBEAT: Final = comment("heartbeat")

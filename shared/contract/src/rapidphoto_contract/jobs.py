@@ -26,7 +26,7 @@ COMPLETE_PHOTO_UPLOAD: Final = "complete_photo_upload"
 FAIL_PHOTO_UPLOAD: Final = "fail_photo_upload"
 JOB_NAMES: Final = (START_UPLOAD_SESSION, COMPLETE_PHOTO_UPLOAD, FAIL_PHOTO_UPLOAD)
 
-#: arq's default queue, named by SPEC §3.
+#: arq's default queue, named by PROTOCOL §3.
 QUEUE_NAME: Final = "arq:queue"
 
 MAX_TOTAL_PHOTOS: Final = 10_000
@@ -35,7 +35,7 @@ MAX_REASON_LENGTH: Final = 1024
 
 
 class InvalidCommand(ValueError):
-    """A job's arguments break SPEC §3's rules. Never retried; nothing changes."""
+    """A job's arguments break PROTOCOL §3's rules. Never retried; nothing changes."""
 
 
 def _check_kwargs(job: str, kwargs: Mapping[str, Any], expected: tuple[str, ...]) -> None:
