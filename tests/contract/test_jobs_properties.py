@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from rapidphoto_contract.ids import ID_PATTERN
@@ -20,18 +20,8 @@ from rapidphoto_contract.jobs import (
     deserialize_job,
     serialize_job,
 )
+from tests.support.properties import PROPERTY, json_values
 
-PROPERTY = settings(max_examples=400, deadline=None)
-
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
-)
 ids = st.from_regex(ID_PATTERN, fullmatch=True) | st.text(max_size=140) | json_values
 argument = st.sampled_from(["session_id", "user_id", "photo_id", "total_photos", "reason", "x"])
 kwargs_maps = st.dictionaries(

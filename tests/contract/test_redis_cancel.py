@@ -13,6 +13,7 @@ from redis.asyncio.connection import ConnectionPool
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rapidphoto_contract.redis_cancel import cancel_safe, raise_if_cancelled
+from tests.support.cancellation import assert_cancellation_lands_at_every_step
 from tests.support.redis_server import RedisServer
 
 
@@ -30,19 +31,7 @@ async def test_a_command_cancelled_at_any_loop_step_ends_its_task(redis_url: str
             await client.hmget("k", ["a", "b"])
 
     try:
-        for steps in range(16):
-            task = asyncio.create_task(poll_forever())
-            for _ in range(steps):
-                await asyncio.sleep(0)
-            task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=10)  # asyncio.wait never cancels it
-            for _ in range(100):  # the bug: cancel again until it lands, so the test ends
-                if task.done():
-                    break
-                task.cancel()
-                await asyncio.wait({task}, timeout=0.1)
-            assert done, f"a cancellation {steps} loop steps in was lost"
-            assert task.cancelled()
+        await assert_cancellation_lands_at_every_step(poll_forever)
         assert await client.ping()  # and the pool still works
     finally:
         await client.aclose(close_connection_pool=True)

@@ -13,19 +13,10 @@ from rapidphoto_contract.events import SESSION_COMPLETED
 from rapidphoto_contract.stream_ids import format_stream_id, parse_stream_id
 from rapidphoto_relay.payload import MAX_PAYLOAD_BYTES, InvalidPayload, Message, parse_payload
 from tests.relay.test_sse_properties import StreamParser
+from tests.support.properties import PROPERTY, json_values
 
-PROPERTY = settings(max_examples=400, deadline=None)
 TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
-)
 event_types = st.from_regex(TYPE, fullmatch=True) | st.text(max_size=70) | json_values
 event_ids = (
     st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)).map(format_stream_id)

@@ -26,6 +26,7 @@ from rapidphoto_tools.simulation import (
     wait_until_applied,
 )
 from tests.support.arq_queue import aqueued_jobs
+from tests.support.cancellation import assert_cancellation_lands_at_every_step
 
 SPEC = SimulationSpec(sessions=3, photos=20, rate=1000, failure_ratio=0.25, seed=7, user="alice")
 
@@ -245,20 +246,10 @@ async def test_wait_ends_when_cancelled_at_any_point_of_its_polling(
     turn, so the steps where it used to be swallowed are always hit."""
     await _apply(redis_client, "s1", 0, 0)  # never matches: only a cancellation ends the wait
     async with UploadJobsClient.connect(redis_url) as jobs:
-        for steps in range(16):
-            watch = ApplyWatch(expected={"s1": (1, 0), "s2": (1, 0)})
-            task = asyncio.create_task(wait_until_applied(jobs, watch, io.StringIO(), poll=0.001))
-            for _ in range(steps):
-                await asyncio.sleep(0)
-            task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=10)  # asyncio.wait never cancels it
-            for _ in range(100):  # the bug: cancel again until it lands, so the test ends
-                if task.done():
-                    break
-                task.cancel()
-                await asyncio.wait({task}, timeout=0.1)
-            assert done, f"a cancellation {steps} loop steps in was lost"
-            assert task.cancelled()
+        watch = ApplyWatch(expected={"s1": (1, 0), "s2": (1, 0)})
+        await assert_cancellation_lands_at_every_step(
+            lambda: wait_until_applied(jobs, watch, io.StringIO(), poll=0.001)
+        )
 
 
 async def test_wait_enforces_its_own_deadline(redis_url: str) -> None:
