@@ -174,3 +174,17 @@ def test_overflow_is_reported_once_when_it_happens() -> None:
     sub.push(Message(b"3"))
     assert sub.close_reason == "slow-consumer"
     assert metrics.registry.get_sample_value("rapidphoto_relay_slow_consumer_closes_total") == 1
+
+
+def test_a_resync_request_stops_direct_writes_until_the_log_was_read() -> None:
+    """Regression: the hub's resubscription asked a parked writer to resync, but the writer stayed
+    parked until its task ran; a live message read right after the confirmation was written
+    directly and moved the cursor past the events published during the outage, so the log read
+    that followed skipped them (one event lost after ``CLIENT KILL TYPE pubsub``)."""
+    writer, conn = _parked()
+    writer.cursor = parse_stream_id("5-0")
+    writer.request_resync()
+    writer.push(Message(b"after the outage", parse_stream_id("7-0")))
+    assert conn.written == []  # not written ahead of the log read …
+    assert writer.cursor == parse_stream_id("5-0")  # … which resumes after 5-0, so 6-0 is read
+    assert [m.frame for m in writer.drain()] == [b"after the outage"]

@@ -125,6 +125,17 @@ class StreamWriter(StreamState):
 
     # --- the hub and the ticker: never block ---------------------------------------------------
 
+    def request_resync(self) -> None:
+        """The hub resubscribed after an outage: the log must be read again before anything live.
+
+        Unparked at once, not when the task wakes: a live message the hub reads right after the
+        confirmation (often in the same batch of replies) would otherwise be written directly and
+        move the cursor past the events published during the outage, which the log read then skips
+        (found by the Redis fault matrix: one event lost after ``CLIENT KILL TYPE pubsub``).
+        """
+        self.parked = False
+        super().request_resync()
+
     def push(self, message: Message) -> None:
         """Write ``message`` now if the task is parked, else queue it and wake the task."""
         if self.close_reason is not None:
