@@ -11,6 +11,11 @@
 | S3 | 1,000 | 1 | 100 | 100,000 (broadcast) |
 | S4 | 10,000 | 10,000 | 1,000 | 1,000 |
 | IDLE | 10,000 | 10,000 | 0 | relay memory and CPU per idle stream |
+| STORM, STORM-SESSION, STORM-RESUME | 1,000 + 10,000 opened at once | 1,000 | 100 | 100 |
+
+``all`` is S1 to S4 and IDLE; the storms (``bench/storm.py``) are named: 10,000 streams (fresh
+notification streams, fresh session streams with their snapshot, session streams resuming with
+``Last-Event-ID``) opened as fast as the client can while 1,000 bystanders receive 100 events/s.
 
 Layout on the machine (2 cores): the server under test alone on CPU 1 (``taskset``); Redis, the
 publisher and this client on CPU 0. Every target is a loopback address; every loop is bounded.
@@ -48,7 +53,7 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import uvloop
 
@@ -60,11 +65,23 @@ from loadtests.bench import procfs  # noqa: E402
 from loadtests.bench.client import Run, Stream, drain, open_streams, watch_loop_lag  # noqa: E402
 from loadtests.bench.notify_publisher import publish  # noqa: E402
 from loadtests.bench.report import Result, flags, percentile, table, write_results  # noqa: E402
+from loadtests.bench.storm import (  # noqa: E402
+    STORMS,
+    StormStream,
+    open_storm,
+    seed_sessions,
+    storm_requests,
+)
 from loadtests.bench.targets import Nginx, Server, start_profiler  # noqa: E402
 from tests.support.redis_server import private_redis  # noqa: E402
 
 #: Streams opened and closed before the measurement (first-use allocations are not per stream).
 WARM_STREAMS: Final = 200
+#: The storms' goals: relay CPU per stream opened, and the time for 10,000 of them.
+STORM_US_PER_OPEN: Final = 100.0
+STORM_SECONDS: Final = 1.5
+#: Seconds of bystander load measured before a storm (the CPU it costs is not the storm's).
+STORM_BASELINE_SECONDS: Final = 2.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,7 @@ class Scenario:
     p99_ms: float | None = None
     us_per_delivery: float | None = None
     kib_per_stream: float | None = None
+    storm: int = 0  # streams opened at once while the scenario's streams receive events
 
 
 SCENARIOS: Final = {
@@ -86,6 +104,10 @@ SCENARIOS: Final = {
         Scenario("S3", 1000, 1, 100.0, p99_ms=100.0, us_per_delivery=11.0),
         Scenario("S4", 10_000, 10_000, 1000.0, p99_ms=10.0),
         Scenario("IDLE", 10_000, 10_000, 0.0, kib_per_stream=20.0),
+        # Storms: 10,000 opens while 1,000 bystanders get 100 events/s (bench/storm.py).
+        Scenario("STORM", 1000, 1000, 100.0, p99_ms=50.0, storm=10_000),
+        Scenario("STORM-SESSION", 1000, 1000, 100.0, p99_ms=50.0, storm=10_000),
+        Scenario("STORM-RESUME", 1000, 1000, 100.0, p99_ms=50.0, storm=10_000),
     )
 }
 
@@ -98,6 +120,10 @@ def judge(result: Result, scenario: Scenario) -> list[str]:
         checks.append(("0 dup", result.duplicates == 0))
     if scenario.name == "S3":
         checks.append(("≥99k/s", result.deliveries_per_s >= 99_000))
+    if scenario.storm:
+        checks.append((f"{scenario.storm:,} opened", result.storm_streams == scenario.storm))
+        checks.append(("≤100µs/open", 0 < result.storm_cpu_us_per_open <= STORM_US_PER_OPEN))
+        checks.append((f"open≤{STORM_SECONDS:g}s", result.storm_open_s <= STORM_SECONDS))
     if scenario.streams >= 10_000:
         checks.append((f"{scenario.streams:,} open", result.connected == scenario.streams))
     if scenario.p99_ms is not None:
@@ -124,7 +150,7 @@ async def run_scenario(
 ) -> Result:
     result = Result(scenario.name, target, scenario.streams, scenario.channels, scenario.rate)
     result.load_before = procfs.loadavg()
-    procfs.raise_fd_limit(scenario.streams)
+    procfs.raise_fd_limit(scenario.streams + scenario.storm)
     capacity = max(1, int(scenario.rate * duration * 1.2) + scenario.channels)
     sent_file = logs / f"sent-{scenario.name}.bin"
     sent_file.write_bytes(b"\0" * 8 * capacity)
@@ -132,11 +158,18 @@ async def run_scenario(
         mapped = mmap.mmap(file.fileno(), 0)
     sent = memoryview(mapped).cast("d")
     server = Server(
-        target, redis_url, scenario.name, scenario.streams, scenario.channels, logs, server_cmd
+        target,
+        redis_url,
+        scenario.name,
+        scenario.streams + scenario.storm,
+        scenario.channels,
+        logs,
+        server_cmd,
     )
     spy: asyncio.subprocess.Process | None = None
     proxy: Nginx | None = None
     opened: list[tuple[Stream, asyncio.Transport]] = []
+    stormed: list[tuple[StormStream, asyncio.Transport]] = []
     try:
         await server.wait_ready()
         port = server.port
@@ -173,7 +206,14 @@ async def run_scenario(
         cpu = procfs.CpuMeter(procfs.process_tree(server.pid))
         started = time.monotonic()
         if scenario.rate > 0:
-            report = await publish(redis_url, scenario.channels, scenario.rate, duration, sent_file)
+            if scenario.storm:
+                report = await storm(
+                    scenario, port, redis_url, duration, sent_file, run, server, result, stormed
+                )
+            else:
+                report = await publish(
+                    redis_url, scenario.channels, scenario.rate, duration, sent_file
+                )
             result.published = report["published"]
             result.publish_s = report["seconds"]
             publish_started = report["started"]
@@ -182,6 +222,7 @@ async def run_scenario(
         else:
             await asyncio.sleep(idle_seconds)
         result.seconds = time.monotonic() - started
+        storm_window = run.storm_latencies
         lag_watch.cancel()
         ordered_lags = sorted(lags)
         result.client_lag_p99_ms = percentile(ordered_lags, 0.99) * 1000
@@ -201,6 +242,12 @@ async def run_scenario(
             result.p50_ms = percentile(ordered, 0.50) * 1000
             result.p99_ms = percentile(ordered, 0.99) * 1000
             result.max_ms = ordered[-1] * 1000
+            if scenario.storm:  # the bystanders' latency while the storm ran
+                ordered = sorted(storm_window)
+                result.storm_bystander_deliveries = len(ordered)
+                result.p50_ms = percentile(ordered, 0.50) * 1000
+                result.p99_ms = percentile(ordered, 0.99) * 1000
+                result.max_ms = (ordered[-1] if ordered else 0.0) * 1000
         else:
             result.idle_cpu_s_per_min = result.server_cpu_s / result.seconds * 60
         result.flags = flags(result)
@@ -210,6 +257,8 @@ async def run_scenario(
                 spy.send_signal(signal.SIGINT)
             await asyncio.wait_for(spy.wait(), 60)
         for _, transport in opened:
+            transport.close()
+        for _, transport in stormed:
             transport.close()
         if proxy is not None:
             proxy.stop()
@@ -222,16 +271,94 @@ async def run_scenario(
     return result
 
 
+async def storm(
+    scenario: Scenario,
+    port: int,
+    redis_url: str,
+    duration: float,
+    sent_file: Path,
+    run: Run,
+    server: Server,
+    result: Result,
+    stormed: list[tuple[StormStream, asyncio.Transport]],
+) -> dict[str, Any]:
+    """The bystanders' events for ``duration`` s and, after a baseline, the storm: returns the
+    publisher's report; the storm's figures go to ``result``, its streams to ``stormed``."""
+    spec = STORMS[scenario.name]
+    resume_after = (
+        await seeded_sessions(redis_url, scenario.storm) if spec.kind != "notifications" else None
+    )
+    requests = storm_requests(spec.kind, port, scenario.storm, resume_after)
+    publisher = asyncio.create_task(
+        publish(redis_url, scenario.channels, scenario.rate, duration, sent_file)
+    )
+    pids = procfs.process_tree(server.pid)
+    await asyncio.sleep(1.0)  # the publisher is up
+    cpu0, t0 = procfs.tree_cpu(pids), time.monotonic()
+    await asyncio.sleep(STORM_BASELINE_SECONDS)
+    baseline = (procfs.tree_cpu(pids) - cpu0) / (time.monotonic() - t0)
+    lag0 = await server.loop_lag_buckets()
+    run.window = array("d")
+    cpu0 = procfs.tree_cpu(pids)
+    try:
+        streams, result.storm_open_s, result.storm_served_s = await open_storm(
+            port, requests, spec.owed
+        )
+    finally:
+        cpu = procfs.tree_cpu(pids) - cpu0
+        run.storm_latencies, run.window = run.window, None
+    stormed += streams
+    result.storm_streams = sum(1 for s, _ in streams if s.opened.done() and not s.closed)
+    net = cpu - baseline * result.storm_served_s
+    result.storm_cpu_us_per_open = net / max(1, result.storm_streams) * 1e6
+    lag1 = await server.loop_lag_buckets()
+    if lag0 is not None and lag1 is not None:
+        result.server_loop_lag_p99_ms, result.server_loop_lag_max_ms = lag_quantiles(lag0, lag1)
+    if publisher.done() or result.storm_served_s + STORM_BASELINE_SECONDS + 1 > duration:
+        result.flags.append("storm outlasted the publisher")
+    return await publisher
+
+
+_seeded: dict[tuple[str, int], list[str]] = {}
+
+
+async def seeded_sessions(redis_url: str, count: int) -> list[str]:
+    """The storm sessions, seeded once per Redis (every target of the run reads the same)."""
+    if (redis_url, count) not in _seeded:
+        print(f"   seeding {count:,} sessions", flush=True)
+        _seeded[redis_url, count] = await seed_sessions(redis_url, count)
+    return _seeded[redis_url, count]
+
+
+def lag_quantiles(before: dict[float, float], after: dict[float, float]) -> tuple[float, float]:
+    """p99 and max of the server's loop lag between two readings of its histogram, as bucket
+    upper bounds (ms)."""
+    delta = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = delta.get(float("inf"), 0.0)
+    p99 = top = float("inf")
+    for le, count in delta.items():
+        if p99 == float("inf") and count >= 0.99 * total:
+            p99 = le
+        if count >= total:
+            top = le
+            break
+    return p99 * 1000, top * 1000
+
+
 async def main_async(args: argparse.Namespace) -> list[Result]:
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {0})  # the server's core is the server's
     logs = Path(tempfile.mkdtemp(prefix="capacity-"))
-    names = list(SCENARIOS) if args.scenario == ["all"] else args.scenario
+    names = (
+        [n for n in SCENARIOS if not SCENARIOS[n].storm]
+        if args.scenario == ["all"]
+        else args.scenario
+    )
     results: list[Result] = []
     with private_redis(launcher=procfs.pinned(0)) as redis_url:
         for name in names:
             scenario = SCENARIOS[name]
-            if args.streams or args.channels or args.rate is not None:
+            if args.streams or args.channels or args.rate is not None or args.storm:
                 scenario = Scenario(
                     name,
                     args.streams or scenario.streams,
@@ -240,6 +367,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                     scenario.p99_ms,
                     scenario.us_per_delivery,
                     scenario.kib_per_stream,
+                    args.storm or scenario.storm if scenario.storm else 0,
                 )
             for target in args.target:
                 print(f"-- {name} on {target} (load {procfs.loadavg()})", flush=True)
@@ -275,6 +403,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, help="override the scenario's streams")
     parser.add_argument("--channels", type=int, help="override the scenario's channels")
     parser.add_argument("--rate", type=float, help="override the scenario's events/s")
+    parser.add_argument("--storm", type=int, help="override a storm's streams opened at once")
     parser.add_argument(
         "--server-cmd", help="run this instead of rapidphoto-relay ({port} is replaced)"
     )

@@ -29,6 +29,9 @@ class Run:
         self.duplicates = 0
         self.closed_early = 0
         self.last_arrival = 0.0
+        #: While set, every delivery's latency is also kept here (a storm's bystanders).
+        self.window: array[float] | None = None
+        self.storm_latencies: array[float] = array("d")
 
 
 class Stream(asyncio.Protocol):
@@ -98,6 +101,9 @@ class Stream(asyncio.Protocol):
         latencies = run.latencies
         for seq in range(first, last + 1):
             latencies.append(now - sent[seq * channels + channel])
+        if run.window is not None:
+            for seq in range(first, last + 1):
+                run.window.append(now - sent[seq * channels + channel])
         run.delivered += last + 1 - first
         run.last_arrival = now
 

@@ -57,6 +57,13 @@ class Result:
     seconds: float = 0.0
     load_before: str = ""
     load_after: str = ""
+    storm_streams: int = 0
+    storm_open_s: float = 0.0
+    storm_served_s: float = 0.0
+    storm_cpu_us_per_open: float = 0.0
+    storm_bystander_deliveries: int = 0
+    server_loop_lag_p99_ms: float | None = None
+    server_loop_lag_max_ms: float | None = None
     flags: list[str] = field(default_factory=list)
     verdict: list[str] = field(default_factory=list)
 
@@ -85,6 +92,16 @@ def row(r: Result) -> str:
             f"idle: {r.idle_cpu_s_per_min:.2f} CPU-s/min; opening: "
             f"{r.connect_cpu_ms_per_stream:.2f} ms per stream"
         )
+    if r.storm_streams:
+        per = (
+            f"storm: {r.storm_cpu_us_per_open:,.0f} µs per open; {r.storm_streams:,} open in "
+            f"{r.storm_open_s:.2f} s, served in {r.storm_served_s:.2f} s"
+        )
+        if r.server_loop_lag_p99_ms is not None:
+            per += (
+                f"; server loop lag p99 ≤ {r.server_loop_lag_p99_ms:g} ms,"
+                f" max ≤ {r.server_loop_lag_max_ms:g} ms"
+            )
     flags = f" ({', '.join(r.flags)})" if r.flags else ""
     rss = f"{r.kib_per_stream:.1f}"
     if r.proxy_kib_per_stream is not None:

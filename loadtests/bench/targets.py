@@ -111,6 +111,20 @@ class Server:
             await asyncio.sleep(0.2)
         raise RuntimeError("warm-up streams still open after 30 s")
 
+    async def loop_lag_buckets(self) -> dict[float, float] | None:
+        """Relay only: the cumulative buckets of its event-loop lag histogram (``None`` for a
+        server without one)."""
+        if self.target != "relay":
+            return None
+        body = (await self.get("/metrics")).decode(errors="replace")
+        prefix = 'rapidphoto_relay_event_loop_lag_seconds_bucket{le="'
+        buckets = {
+            float(line[len(prefix) :].split('"', 1)[0]): float(line.rsplit(" ", 1)[1])
+            for line in body.splitlines()
+            if line.startswith(prefix)
+        }
+        return buckets or None
+
     def stop(self) -> None:
         stop(self.proc)
 
