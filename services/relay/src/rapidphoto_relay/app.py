@@ -21,6 +21,7 @@ from rapidphoto_contract.tokens import TokenVerifier
 from rapidphoto_relay import health, streams
 from rapidphoto_relay.auth import Authenticator, security_schemes
 from rapidphoto_relay.errors import RelayHTTPError
+from rapidphoto_relay.loop_lag import LoopLagMonitor
 from rapidphoto_relay.metrics import RelayMetrics
 from rapidphoto_relay.services import RelayServices, open_services
 
@@ -90,7 +91,7 @@ def create_app(settings: RelayConfig) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with open_services(settings, metrics) as services:
+        async with LoopLagMonitor(metrics.loop_lag), open_services(settings, metrics) as services:
             app.state[SERVICES_STATE_KEY] = services
             try:
                 yield

@@ -15,6 +15,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from rapidphoto_relay.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
+
 #: Publish-to-write lag buckets (seconds): the acceptance bar is 500 ms (PROTOCOL §1).
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -97,6 +99,13 @@ class RelayMetrics:
             "rapidphoto_relay_delivery_lag_seconds",
             "From a payload's occurredAt to its first write to a client on this process",
             buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "rapidphoto_relay_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 50 ms (loop_lag.py): every stream of"
+            " this process waits that long",
+            buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
         for kind in ("session", "notifications"):
