@@ -61,7 +61,7 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the repository's packages importable
     sys.path.insert(0, str(ROOT))
 
-from loadtests.bench import procfs  # noqa: E402
+from loadtests.bench import nchan, procfs  # noqa: E402
 from loadtests.bench.client import Run, Stream, drain, open_streams, watch_loop_lag  # noqa: E402
 from loadtests.bench.notify_publisher import publish  # noqa: E402
 from loadtests.bench.report import Result, flags, percentile, table, write_results  # noqa: E402
@@ -177,18 +177,25 @@ async def run_scenario(
             proxy = Nginx(logs / f"nginx-{target}-{scenario.name}", server.port)
             await proxy.wait_ready()
             port = proxy.port
-        warm = await open_streams(port, Run(WARM_STREAMS, sent), WARM_STREAMS, WARM_STREAMS)
+        user_header = nchan.USER_HEADER if target == "nchan" else ""
+        nchan_port = port if target == "nchan" else None
+        open_mark = b"" if target == "nchan" else b"retry:"
+        warm = await open_streams(
+            port, Run(WARM_STREAMS, sent, open_mark), WARM_STREAMS, WARM_STREAMS, 500, user_header
+        )
         for _, transport in warm:
             transport.close()
         await server.wait_streams_closed()
         await asyncio.sleep(1.0)
         result.rss_before_kib = procfs.tree_rss_kib(server.pid)
         proxy_before = 0 if proxy is None else procfs.tree_rss_kib(proxy.pid)
-        run = Run(scenario.channels, sent)
+        run = Run(scenario.channels, sent, open_mark)
         started = time.monotonic()
         connect_cpu0 = procfs.tree_cpu(procfs.process_tree(server.pid))
         try:
-            opened = await open_streams(port, run, scenario.streams, scenario.channels)
+            opened = await open_streams(
+                port, run, scenario.streams, scenario.channels, 500, user_header
+            )
         finally:
             result.connected = sum(1 for s, _ in opened if s.opened.done() and not s.closed)
         result.connect_s = time.monotonic() - started
@@ -212,7 +219,7 @@ async def run_scenario(
                 )
             else:
                 report = await publish(
-                    redis_url, scenario.channels, scenario.rate, duration, sent_file
+                    redis_url, scenario.channels, scenario.rate, duration, sent_file, nchan_port
                 )
             result.published = report["published"]
             result.publish_s = report["seconds"]
@@ -288,9 +295,11 @@ async def storm(
     resume_after = (
         await seeded_sessions(redis_url, scenario.storm) if spec.kind != "notifications" else None
     )
-    requests = storm_requests(spec.kind, port, scenario.storm, resume_after)
+    nchan_port = port if server.target == "nchan" else None
+    user_header = nchan.USER_HEADER if nchan_port else ""
+    requests = storm_requests(spec.kind, port, scenario.storm, resume_after, user_header)
     publisher = asyncio.create_task(
-        publish(redis_url, scenario.channels, scenario.rate, duration, sent_file)
+        publish(redis_url, scenario.channels, scenario.rate, duration, sent_file, nchan_port)
     )
     pids = procfs.process_tree(server.pid)
     await asyncio.sleep(1.0)  # the publisher is up
@@ -302,7 +311,7 @@ async def storm(
     cpu0 = procfs.tree_cpu(pids)
     try:
         streams, result.storm_open_s, result.storm_served_s = await open_storm(
-            port, requests, spec.owed
+            port, requests, spec.owed, b"" if nchan_port else b"retry:"
         )
     finally:
         cpu = procfs.tree_cpu(pids) - cpu0
@@ -370,6 +379,9 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                     args.storm or scenario.storm if scenario.storm else 0,
                 )
             for target in args.target:
+                if scenario.storm and STORMS[name].kind != "notifications" and target != "relay":
+                    print(f"-- {name}: not on {target} (it has no session streams)", flush=True)
+                    continue
                 print(f"-- {name} on {target} (load {procfs.loadavg()})", flush=True)
                 result = await run_scenario(
                     scenario,
@@ -396,7 +408,11 @@ def main() -> None:
         "--scenario", nargs="+", default=["all"], choices=[*SCENARIOS, "all"], metavar="NAME"
     )
     parser.add_argument(
-        "--target", nargs="+", default=["relay"], choices=["relay", "reference"], metavar="TARGET"
+        "--target",
+        nargs="+",
+        default=["relay"],
+        choices=["relay", "reference", "nchan"],
+        metavar="TARGET",
     )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of publishing")
     parser.add_argument("--idle", type=float, default=20.0, help="seconds IDLE streams are held")

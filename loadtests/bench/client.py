@@ -11,17 +11,26 @@ from __future__ import annotations
 import asyncio
 import time
 from array import array
+from typing import Final
 
 from loadtests.bench import SECRET, STREAM_PATH, user_of
 
 from rapidphoto_contract.tokens import mint_token
 
+#: How a payload's id starts (compact JSON, as the publisher writes it).
+EVENT_ID: Final = b'"eventId":"'
+
 
 class Run:
     """What every stream of one run shares: send times, latencies, counters."""
 
-    def __init__(self, channels: int, sent: memoryview[float]) -> None:
+    def __init__(
+        self, channels: int, sent: memoryview[float], open_mark: bytes = b"retry:"
+    ) -> None:
         self.channels = channels
+        #: What says a stream is open once its head arrived (b"": the head itself, for a server
+        #: that sends no ``retry:`` frame, nchan).
+        self.open_mark = open_mark
         self.sent = sent  # sent[seq * channels + channel]: the publisher's CLOCK_MONOTONIC stamp
         self.latencies = array("d")
         self.delivered = 0
@@ -35,9 +44,10 @@ class Run:
 
 
 class Stream(asyncio.Protocol):
-    """One SSE stream: request, status, ``retry:``, then counting and timing every ``id:`` frame.
+    """One SSE stream: request, status, ``retry:``, then counting and timing every event frame.
 
-    Frames carry ``id: 1-<seq>``, ``seq`` counting the events of the stream's channel from 0. A read
+    Payloads carry ``"eventId":"1-<seq>"``, ``seq`` counting the events of the stream's channel from
+    0 (the payload's id, not the frame's ``id:`` line: nchan numbers frames its own way). A read
     holding n complete frames whose last id is L holds L-n+1 … L when nothing is lost or repeated
     (frames of a channel arrive in order), so one ``count`` and one ``rfind`` check a whole read.
     """
@@ -73,7 +83,7 @@ class Stream(asyncio.Protocol):
                     return
                 self.head = False
                 buf = buf[end + 4 :]
-            if b"retry:" not in buf:
+            if self.run.open_mark not in buf:
                 self.tail = buf
                 return
             self.opened.set_result(200)
@@ -82,13 +92,13 @@ class Stream(asyncio.Protocol):
             self.tail = buf
             return
         self.tail = buf[end + 2 :]
-        count = buf.count(b"id: ", 0, end)
+        count = buf.count(EVENT_ID, 0, end)
         if not count:
             return  # heartbeats, the retry frame
         now = time.monotonic()
-        start = buf.rfind(b"id: ", 0, end)
+        start = buf.rfind(EVENT_ID, 0, end)
         dash = buf.index(b"-", start)
-        last = int(buf[dash + 1 : buf.index(b"\n", dash)])
+        last = int(buf[dash + 1 : buf.index(b'"', dash)])
         first = last - count + 1
         run = self.run
         if first > self.expected:
@@ -114,15 +124,18 @@ class Stream(asyncio.Protocol):
 
 
 async def open_streams(
-    port: int, run: Run, streams: int, channels: int, batch: int = 500
+    port: int, run: Run, streams: int, channels: int, batch: int = 500, user_header: str = ""
 ) -> list[tuple[Stream, asyncio.Transport]]:
-    """``streams`` streams, stream n on channel n % channels (one user per channel)."""
+    """``streams`` streams, stream n on channel n % channels (one user per channel);
+    ``user_header``: also name the user in this header (nchan's channel)."""
     loop = asyncio.get_running_loop()
     requests = [
         (
             f"GET {STREAM_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Accept: text/event-stream\r\nAuthorization: Bearer "
-            f"{mint_token(user_of(c), key=SECRET, ttl_seconds=7200)}\r\n\r\n"
+            f"{mint_token(user_of(c), key=SECRET, ttl_seconds=7200)}\r\n"
+            + (f"{user_header}: {user_of(c)}\r\n" if user_header else "")
+            + "\r\n"
         ).encode()
         for c in range(min(channels, streams))
     ]

@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import json
 import mmap
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -29,10 +30,15 @@ MODULE = "loadtests.bench.notify_publisher"
 
 
 async def publish(
-    redis_url: str, channels: int, rate: float, duration: float, sent_file: Path
+    redis_url: str,
+    channels: int,
+    rate: float,
+    duration: float,
+    sent_file: Path,
+    nchan_port: int | None = None,
 ) -> dict[str, Any]:
     """Run the publisher on CPU 0 until it is done: its report (published, started, seconds,
-    late_ticks)."""
+    late_ticks). ``nchan_port``: publish through nchan's HTTP publisher there instead."""
     publisher = await asyncio.create_subprocess_exec(
         *pinned(0),
         sys.executable,
@@ -48,12 +54,46 @@ async def publish(
         str(duration),
         "--sent",
         str(sent_file),
+        *([] if nchan_port is None else ["--nchan-port", str(nchan_port)]),
         stdout=asyncio.subprocess.PIPE,
         cwd=ROOT,
     )
     out, _ = await asyncio.wait_for(publisher.communicate(), duration + 60)
     report: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     return report
+
+
+class NchanPublisher:
+    """POSTs payloads to nchan's publisher location (``bench/nchan.py``), pipelined on one
+    keep-alive connection: one write for a tick's requests, then their responses read."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def publish(self, payloads: Sequence[tuple[str, str]]) -> None:
+        from loadtests.bench.nchan import PUBLISH_PREFIX
+
+        out = bytearray()
+        for channel, payload in payloads:
+            body = payload.encode()
+            out += (
+                f"POST {PUBLISH_PREFIX}{channel} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+        self.sock.sendall(out)
+        answered, buf = 0, b""
+        while answered < len(payloads):
+            data = self.sock.recv(65536)
+            if not data:
+                raise RuntimeError("nchan closed the publisher's connection")
+            buf += data
+            answered = buf.count(b"HTTP/1.1 ")
+        if b"HTTP/1.1 5" in buf or b"HTTP/1.1 4" in buf:
+            raise RuntimeError(f"nchan refused a publish: {buf[:200]!r}")
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def main(argv: Sequence[str]) -> None:
@@ -69,6 +109,7 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--rate", type=float, required=True)
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--sent", type=Path, required=True, help="mmap'ed file of send times")
+    parser.add_argument("--nchan-port", type=int, help="POST to nchan on 127.0.0.1 instead")
     args = parser.parse_args(argv)
     channels = args.channels
     names = [notification_channel(user_of(c)) for c in range(channels)]
@@ -77,6 +118,7 @@ def main(argv: Sequence[str]) -> None:
     sent = memoryview(mapped).cast("d")
     capacity = len(sent)
     client = redis.Redis.from_url(args.redis_url)
+    nchan = None if args.nchan_port is None else NchanPublisher(args.nchan_port)
     tick = max(1.0 / args.rate, 0.001)
     owed, published, late_ticks = 0.0, 0, 0
     start = time.monotonic()
@@ -89,6 +131,7 @@ def main(argv: Sequence[str]) -> None:
             stamp = dt.datetime.now(dt.UTC)
             occurred = f"{stamp:%Y-%m-%dT%H:%M:%S}.{stamp.microsecond // 1000:03d}Z"
             pipe = client.pipeline(transaction=False)
+            payloads: list[tuple[str, str]] = []
             for g in range(published, published + count):
                 channel = g % channels
                 payload = Notification(
@@ -101,11 +144,15 @@ def main(argv: Sequence[str]) -> None:
                     uploaded_photos=1,
                     failed_photos=0,
                 ).to_json()
+                payloads.append((names[channel], payload))
                 pipe.publish(names[channel], payload)
             now = time.monotonic()
             for g in range(published, published + count):
                 sent[g] = now
-            pipe.execute()
+            if nchan is None:
+                pipe.execute()
+            else:
+                nchan.publish(payloads)
             published += count
         next_tick += tick
         delay = next_tick - time.monotonic()
@@ -115,6 +162,8 @@ def main(argv: Sequence[str]) -> None:
             late_ticks += 1
     elapsed = time.monotonic() - start
     client.close()
+    if nchan is not None:
+        nchan.close()
     sent.release()
     mapped.close()
     report = {

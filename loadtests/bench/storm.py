@@ -49,12 +49,23 @@ STORMS: Final = {
 class StormStream(asyncio.Protocol):
     """A stream that only checks it opened (status 200, ``retry:``) and counts its ``id:`` frames."""
 
-    __slots__ = ("buf", "closed", "frames", "opened", "owed", "request", "served", "status")
+    __slots__ = (
+        "buf",
+        "closed",
+        "frames",
+        "open_mark",
+        "opened",
+        "owed",
+        "request",
+        "served",
+        "status",
+    )
 
-    def __init__(self, request: bytes, owed: int) -> None:
+    def __init__(self, request: bytes, owed: int, open_mark: bytes = b"retry:") -> None:
         loop = asyncio.get_running_loop()
         self.request = request
         self.owed = owed
+        self.open_mark = open_mark  # b"": open with the head (nchan sends no retry: frame)
         self.opened: asyncio.Future[int] = loop.create_future()
         self.served: asyncio.Future[None] = loop.create_future()
         self.buf = b""
@@ -78,7 +89,7 @@ class StormStream(asyncio.Protocol):
                 self.opened.set_result(self.status)
                 self.served.set_result(None)
                 return
-            if b"retry:" not in self.buf:
+            if self.open_mark not in self.buf:
                 return
             self.opened.set_result(200)
         self.frames = self.buf.count(b"\nid: ")
@@ -94,9 +105,12 @@ class StormStream(asyncio.Protocol):
             self.served.set_result(None)
 
 
-def storm_requests(kind: str, port: int, count: int, log_ids: list[str] | None) -> list[bytes]:
+def storm_requests(
+    kind: str, port: int, count: int, log_ids: list[str] | None, user_header: str = ""
+) -> list[bytes]:
     """The ``count`` requests of a storm, tokens minted beforehand (the client's cost, not the
-    server's); ``log_ids[n]``: the ``Last-Event-ID`` of resuming stream ``n``."""
+    server's); ``log_ids[n]``: the ``Last-Event-ID`` of resuming stream ``n``; ``user_header``:
+    also name the user in this header (nchan's channel)."""
     requests = []
     for n in range(count):
         token = mint_token(STORM_USER.format(n), key=SECRET, ttl_seconds=7200)
@@ -105,6 +119,8 @@ def storm_requests(kind: str, port: int, count: int, log_ids: list[str] | None) 
         else:
             path = f"/api/upload/sessions/{STORM_SESSION.format(n)}/stream"
             extra = f"Last-Event-ID: {log_ids[n]}\r\n" if kind == "resume" and log_ids else ""
+        if user_header:
+            extra += f"{user_header}: {STORM_USER.format(n)}\r\n"
         requests.append(
             (
                 f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n"
@@ -138,7 +154,7 @@ async def seed_sessions(redis_url: str, count: int) -> list[str]:
 
 
 async def open_storm(
-    port: int, requests: list[bytes], owed: int, batch: int = 500
+    port: int, requests: list[bytes], owed: int, open_mark: bytes = b"retry:", batch: int = 500
 ) -> tuple[list[tuple[StormStream, asyncio.Transport]], float, float]:
     """Open every request as fast as this client can, ``batch`` connections in flight at a time.
 
@@ -151,7 +167,7 @@ async def open_storm(
     for first in range(0, len(requests), batch):
         made: list[tuple[StormStream, asyncio.Transport]] = []
         for request in requests[first : first + batch]:
-            stream = StormStream(request, owed)
+            stream = StormStream(request, owed, open_mark)
             transport, _ = await loop.create_connection(lambda s=stream: s, "127.0.0.1", port)  # type: ignore[misc]
             made.append((stream, transport))
         opened += made

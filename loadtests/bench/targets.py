@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from loadtests.bench import SECRET, reference
+from loadtests.bench import SECRET, nchan, reference
 from loadtests.bench.procfs import pinned
 from tests.support.redis_server import free_port
 
@@ -60,6 +60,8 @@ class Server:
         cwd: Path | None = None
         if target == "reference":
             argv, cwd = reference.command(self.port, redis_url), ROOT
+        elif target == "nchan":
+            argv = nchan.command(logs / f"nchan-{run_name}", self.port, redis_url, streams)
         elif server_cmd:
             argv = [part.replace("{port}", str(self.port)) for part in shlex.split(server_cmd)]
         else:
@@ -95,7 +97,7 @@ class Server:
 
     async def wait_streams_closed(self) -> None:
         """Relay only: until ``/metrics`` shows no open stream (warm-up streams released)."""
-        if self.target == "reference":
+        if self.target != "relay":
             await asyncio.sleep(1.0)
             return
         deadline = time.monotonic() + 30

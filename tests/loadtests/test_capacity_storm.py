@@ -1,10 +1,15 @@
-"""The capacity benchmark's storm pieces (loadtests/bench/storm.py, capacity.py): requests, the
-storm stream's framing, the server loop-lag quantiles. The storms themselves are not run here."""
+"""The capacity benchmark's storm and nchan pieces (loadtests/bench/, capacity.py): requests, the
+streams' framing, the server loop-lag quantiles, nchan's generated configuration. No benchmark
+runs here."""
 
 from __future__ import annotations
 
+from loadtests.bench import STREAM_PATH, nchan
+from loadtests.bench.client import Run, Stream
 from loadtests.bench.storm import STORMS, StormStream, storm_requests
 from loadtests.capacity import SCENARIOS, lag_quantiles
+
+from rapidphoto_contract.keys import NOTIFICATION_CHANNEL_PREFIX
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
 
@@ -55,3 +60,23 @@ def test_every_storm_scenario_has_a_storm() -> None:
     storms = [name for name, s in SCENARIOS.items() if s.storm]
     assert sorted(storms) == sorted(STORMS)
     assert all(SCENARIOS[name].storm == 10_000 for name in storms)
+
+
+def test_nchan_config_is_loopback_and_names_channels_as_the_contract() -> None:
+    text = nchan.config(8123, "redis://127.0.0.1:6400/0", 10_000)
+    assert "listen 127.0.0.1:8123 " in text
+    assert 'nchan_redis_url "redis://127.0.0.1:6400/0"' in text
+    assert f"location = {STREAM_PATH} " in text
+    assert f'"{NOTIFICATION_CHANNEL_PREFIX}$http_x_bench_user"' in text
+    assert "worker_connections 22000;" in text
+
+
+async def test_streams_count_payload_ids_not_frame_ids() -> None:
+    sent = memoryview(bytearray(8 * 4)).cast("d")
+    run = Run(1, sent, open_mark=b"")
+    stream = Stream(run, 0, b"")
+    stream.data_received(HEAD)
+    frame = b'id: 1701:0\ndata: {"type":"notification","eventId":"1-%d"}\n\n'
+    stream.data_received(frame % 0 + frame % 1)
+    stream.data_received(frame % 3)
+    assert (run.delivered, run.lost, run.duplicates) == (3, 1, 0)
