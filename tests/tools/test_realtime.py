@@ -1,0 +1,313 @@
+"""``rapidphoto_tools.realtime`` against real relay processes on a real Redis (state written by the
+worker's own scripts, ``tests/support/seed.py``): typed events, resumption without loss or repeat
+after a relay is killed, ``Retry-After``, the final reasons, 204, cancellation.
+
+Two relays are shared by the module (a 100 ms ``retry:``, a 1 s heartbeat, two streams per user);
+every test uses fresh ids."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from rapidphoto_contract import keys
+from rapidphoto_contract.events import (
+    Notification,
+    PhotoFailed,
+    PhotoUploaded,
+    SessionCompleted,
+    SessionSnapshot,
+    SessionStarted,
+)
+from rapidphoto_contract.tokens import mint_token
+from rapidphoto_tools.realtime import (
+    EventStream,
+    OtherEvent,
+    StateChange,
+    StreamEvent,
+    StreamRefused,
+    stream,
+    stream_path,
+)
+from tests.conftest import TEST_SECRET
+from tests.support.processes import ManagedProcess, start_relay
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.seed import Seeder, seeder
+from tests.support.sse import open_sse
+
+RELAY_ENV = {
+    "JWT_SECRET": TEST_SECRET,
+    "SSE_RETRY_MS": "100",
+    "SSE_HEARTBEAT_SECONDS": "1",
+    "RELAY_MAX_CONNECTIONS_PER_USER": "2",
+}
+
+
+class Relays:
+    def __init__(self, redis: RedisServer, log_dir: Path) -> None:
+        self.redis = redis
+        self.log_dir = log_dir
+        self.ports = [free_port(), free_port()]
+        with ThreadPoolExecutor(2) as pool:  # each takes seconds to import: start both at once
+            self.procs = list(pool.map(self._start, range(2)))
+
+    def _start(self, n: int) -> ManagedProcess:
+        env = cast("dict[str, Any]", RELAY_ENV)  # start_relay's own ``ready`` is a bool
+        return start_relay(self.redis.url, self.ports[n], self.log_dir, f"relay-{n}", **env)
+
+    def url(self, n: int) -> str:
+        if not self.procs[n].running():  # killed by an earlier test
+            self.procs[n] = self._start(n)
+        return f"http://127.0.0.1:{self.ports[n]}"
+
+
+@pytest.fixture(scope="module")
+def relays(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relays]:
+    server = RedisServer()
+    server.start()
+    try:
+        pair = Relays(server, tmp_path_factory.mktemp("realtime"))
+        try:
+            yield pair
+        finally:
+            for proc in pair.procs:
+                proc.stop()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def seed(relays: Relays) -> AsyncIterator[Seeder]:
+    async with seeder(relays.redis.url) as s:
+        yield s
+
+
+def fresh(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def token(user: str, ttl: float = 3600) -> str:
+    return mint_token(user, key=TEST_SECRET, ttl_seconds=ttl)
+
+
+async def until(check: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``check`` (state the client reports) without blocking the loop the client runs on."""
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {within} s")
+
+
+async def take(events: EventStream, count: int, within: float = 10.0) -> list[StreamEvent]:
+    out: list[StreamEvent] = []
+    async with asyncio.timeout(within):
+        while len(out) < count:
+            out.append(await anext(events))
+    return out
+
+
+def event_ids(events: list[StreamEvent]) -> list[str | None]:
+    return [getattr(event, "event_id", None) for event in events]
+
+
+async def rest(events: EventStream, within: float = 10.0) -> list[StreamEvent]:
+    """Every event until the stream ends normally."""
+    async with asyncio.timeout(within):
+        return [event async for event in events]
+
+
+def test_stream_path_chooses_the_endpoint() -> None:
+    assert stream_path(["s1"], notifications=False) == "/api/upload/sessions/s1/stream"
+    assert stream_path([], notifications=True) == "/api/upload/sessions/notifications/stream"
+    assert stream_path(["a", "b", "a"], notifications=True) == (
+        "/api/upload/sessions/stream?session=a&session=b&notifications=1"
+    )
+    assert stream_path(["a"], notifications=False, multi=True) == (
+        "/api/upload/sessions/stream?session=a"
+    )
+    with pytest.raises(ValueError, match="sessions must match"):
+        stream_path(["../x"], notifications=False)
+    with pytest.raises(ValueError, match="nothing to stream"):
+        stream_path([], notifications=False)
+
+
+async def test_typed_events_then_completed_ends_the_iteration(relays: Relays, seed: Seeder) -> None:
+    session, user = fresh("s"), fresh("u")
+    await seed.start(session, user, 3)
+    states: list[str] = []
+    async with stream(
+        relays.url(0),
+        token=token(user),
+        sessions=[session],
+        on_state=lambda change: states.append(change.state),
+    ) as events:
+        snapshot = (await take(events, 1))[0]
+        assert isinstance(snapshot, SessionSnapshot)
+        assert (snapshot.uploaded_photos, snapshot.total_photos) == (0, 3)
+        assert events.state == "open"
+        assert events.retry_seconds == 0.1
+        await seed.upload(session, "p1")
+        await seed.fail(session, "p2", "corrupt")
+        await seed.upload(session, "p3")
+        got = await rest(events)
+        assert events.close_reason == "completed"
+        assert states[-1] == "closed"
+    assert [type(e) for e in got] == [PhotoUploaded, PhotoFailed, PhotoUploaded, SessionCompleted]
+    failed = got[1]
+    assert isinstance(failed, PhotoFailed)
+    assert (failed.photo_id, failed.reason, failed.failed_photos) == ("p2", "corrupt", 1)
+    log = [entry_id for entry_id, _ in await seed.entries(keys.session_log_key(session))]
+    assert events.last_event_id == log[-1]
+    assert event_ids(got) == log[1:]
+    assert states == ["connecting", "open", "closed"]
+
+
+async def test_waits_retry_after_when_the_user_has_too_many_streams(
+    relays: Relays, seed: Seeder
+) -> None:
+    session, user = fresh("s"), fresh("u")
+    await seed.start(session, user, 1)
+    changes: list[StateChange] = []
+    path = stream_path([session], notifications=False)
+    async with (
+        open_sse(relays.url(0), path, token=token(user)) as held_1,
+        open_sse(relays.url(0), path, token=token(user)) as held_2,
+    ):
+        assert (held_1.status_code, held_2.status_code) == (200, 200)
+        events = stream(
+            relays.url(0), token=token(user), sessions=[session], on_state=changes.append
+        )
+        async with events:
+            await until(lambda: any(c.state == "reconnecting" for c in changes))
+            await held_1.aclose()
+            snapshot = (await take(events, 1))[0]
+    assert isinstance(snapshot, SessionSnapshot)
+    refused = [c for c in changes if c.state == "reconnecting"]
+    # Retry-After is the relay's retry: in whole seconds, at least 1 (not the 100 ms retry:).
+    assert [(c.reason, c.retry_in) for c in refused[:1]] == [("HTTP 429", 1.0)]
+    assert changes[-1].state == "open"
+
+
+async def test_refusals_are_typed(relays: Relays, seed: Seeder) -> None:
+    session, owner, other = fresh("s"), fresh("u"), fresh("u")
+    await seed.start(session, owner, 1)
+    with pytest.raises(StreamRefused) as refused:
+        await rest(stream(relays.url(0), token="not-a-jwt", sessions=[session]))
+    assert (refused.value.reason, refused.value.status) == ("unauthorized", 401)
+    assert "not-a-jwt" not in str(refused.value)
+
+    events = stream(relays.url(0), token=token(other), sessions=[session])
+    with pytest.raises(StreamRefused) as refused:
+        await rest(events)
+    assert (refused.value.reason, refused.value.status) == ("forbidden", 403)
+    assert events.state == "error"
+
+    # A pending session that appears with another owner: refused by STREAM_CLOSED, not HTTP.
+    pending = fresh("s")
+    events = stream(relays.url(1), token=token(other), sessions=[pending])
+    async with events:
+        await until(lambda: events.state == "open")
+        await seed.start(pending, owner, 1)
+        with pytest.raises(StreamRefused) as refused:
+            await rest(events)
+    assert (refused.value.reason, refused.value.status) == ("forbidden", None)
+
+
+async def test_token_expiry_is_final_after_the_events_before_it(
+    relays: Relays, seed: Seeder
+) -> None:
+    session, user = fresh("s"), fresh("u")
+    await seed.start(session, user, 2)
+    await seed.upload(session, "p1")
+    events = stream(relays.url(0), token=token(user, ttl=1.5), sessions=[session])
+    got = await take(events, 1)
+    with pytest.raises(StreamRefused) as refused:
+        await rest(events)
+    assert (refused.value.reason, refused.value.status) == ("token-expired", None)
+    assert [type(e) for e in got] == [SessionSnapshot]
+
+
+async def test_204_for_a_completed_session_ends_normally(relays: Relays, seed: Seeder) -> None:
+    session, user = fresh("s"), fresh("u")
+    await seed.start(session, user, 1)
+    await seed.upload(session, "p1")
+    last = (await seed.entries(keys.session_log_key(session)))[-1][0]
+    events = stream(relays.url(0), token=token(user), sessions=[session], last_event_id=last)
+    assert await rest(events) == []
+    assert events.close_reason == "completed"
+    assert events.last_event_id == last
+
+
+async def test_notifications_and_direct_publishes_of_unknown_types(
+    relays: Relays, seed: Seeder
+) -> None:
+    session, user = fresh("s"), fresh("u")
+    async with stream(relays.url(1), token=token(user), notifications=True) as events:
+        await until(lambda: events.state == "open")
+        # Cancelling a wait for the next event loses nothing: the stream goes on.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await anext(events)
+        await seed.publish_raw(
+            keys.notification_channel(user), '{"type":"quota.warning","usedBytes":7}'
+        )
+        direct = (await take(events, 1))[0]
+        await seed.start(session, user, 1)
+        await seed.upload(session, "p1")
+        note = (await take(events, 1))[0]
+    assert direct == OtherEvent(
+        type="quota.warning", payload={"type": "quota.warning", "usedBytes": 7}
+    )
+    assert isinstance(note, Notification)
+    assert (note.kind, note.session_id, note.uploaded_photos) == (
+        "UPLOAD_SESSION_COMPLETED",
+        session,
+        1,
+    )
+    log = await seed.entries(keys.user_notifications_log_key(user))
+    assert events.last_event_id == log[-1][0]
+    assert not isinstance(note, SessionStarted)
+
+
+# Last in the module: the relay it kills is started again only if a later test needs it.
+async def test_resumes_on_the_other_relay_after_a_kill_without_loss_or_repeat(
+    relays: Relays, seed: Seeder
+) -> None:
+    session, user = fresh("s"), fresh("u")
+    await seed.start(session, user, 20)
+    changes: list[StateChange] = []
+    async with stream(
+        [relays.url(0), relays.url(1)],
+        token=token(user),
+        sessions=[session],
+        on_state=changes.append,
+    ) as events:
+        first = await take(events, 1)
+        await seed.upload_many(session, 5, prefix="a")
+        first += await take(events, 5)
+        relays.procs[0].kill()
+        # Logged while the client is cut off: it must get them on resumption, once.
+        await seed.upload_many(session, 5, prefix="b")
+        await until(lambda: any(c.state == "open" and c.url == relays.url(1) for c in changes))
+        await seed.upload_many(session, 10, prefix="c")
+        resumed = await rest(events)
+
+    assert isinstance(first[0], SessionSnapshot)
+    log = [entry_id for entry_id, _ in await seed.entries(keys.session_log_key(session))]
+    assert first[0].event_id == log[0]
+    delivered = event_ids(first[1:] + resumed)
+    assert delivered == log[1:]
+    assert isinstance(resumed[-1], SessionCompleted)
+    reconnecting = [c for c in changes if c.state == "reconnecting"]
+    assert reconnecting[0].url == relays.url(1)
+    assert reconnecting[0].reason is not None
+    assert reconnecting[0].reason.startswith("connection lost")
+    assert reconnecting[0].retry_in == 0.1  # the relay's retry:
