@@ -48,6 +48,8 @@ pid nginx.pid;
 events {{ worker_connections {connections}; multi_accept on; }}
 http {{
     access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 600s;
     client_body_temp_path tmp;
     proxy_temp_path tmp;
     fastcgi_temp_path tmp;
