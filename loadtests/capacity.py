@@ -257,7 +257,7 @@ async def run_scenario(
                 result.max_ms = (ordered[-1] if ordered else 0.0) * 1000
         else:
             result.idle_cpu_s_per_min = result.server_cpu_s / result.seconds * 60
-        result.flags = flags(result)
+        result.flags = flags(result) + result.flags
     finally:
         if spy is not None:
             with contextlib.suppress(ProcessLookupError):
