@@ -7,10 +7,13 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jwt
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from rapidphoto_contract.settings import ConfigError, RelayConfig
 from rapidphoto_contract.tokens import (
@@ -19,10 +22,12 @@ from rapidphoto_contract.tokens import (
     Principal,
     TokenFailure,
     TokenVerifier,
+    _FastSegments,
     mint_for_settings,
     mint_token,
 )
 from tests.support.keypairs import KeyPair, ec_pair, rsa_pair
+from tests.support.properties import PROPERTY
 
 # 64 bytes: long enough for HS512 too (RFC 7518 §3.2), so PyJWT never warns.
 SECRET = "contract-tests-secret-0123456789abcdef-0123456789abcdef-01234567"
@@ -368,3 +373,69 @@ def test_mint_for_settings_needs_a_secret_and_an_hs_algorithm(rsa_keys: KeyPair)
 
 def test_failure_texts_cover_every_reason() -> None:
     assert set(FAILURE_TEXT) == set(TokenFailure.__args__)  # type: ignore[attr-defined]
+
+
+def prepared_counts(verifier: TokenVerifier) -> dict[str, int]:
+    """How often each algorithm of ``verifier`` prepared the configured key."""
+    jws = verifier._jws
+    return {
+        alg: jws.get_algorithm_by_name(alg).prepared_count  # type: ignore[attr-defined]
+        for alg in verifier._algorithms
+    }
+
+
+def test_the_key_is_prepared_once_not_per_token(rsa_keys: KeyPair) -> None:
+    """PyJWT prepares (checks, parses) the key on every decode; the verifier does it once."""
+    verifier = TokenVerifier(
+        RelayConfig(
+            jwt_secret=SECRET, jwt_public_key=rsa_keys.public_pem, jwt_algorithms=("HS256", "RS256")
+        )
+    )
+    for n in range(5):
+        assert verifier.verify(mint_token(f"a{n}", key=SECRET)).user_id == f"a{n}"
+        rs = mint_token(f"b{n}", key=rsa_keys.private_pem, algorithm="RS256")
+        assert verifier.verify(rs).user_id == f"b{n}"
+    assert prepared_counts(verifier) == {"HS256": 1, "RS256": 1}
+    # The prepared key still refuses what it must.
+    expect_failure(verifier, mint_token("a", key=OTHER_SECRET), "bad-signature")
+    expect_failure(verifier, mint_token("a", key=SECRET, ttl_seconds=-60), "expired")
+
+
+def test_a_secret_pyjwt_refuses_fails_every_token(rsa_keys: KeyPair) -> None:
+    """PyJWT refuses an HMAC secret that is a PEM key: the refusal is not cached as a key."""
+    verifier = TokenVerifier(RelayConfig(jwt_secret=rsa_keys.public_pem))
+    claims = {"sub": "u1", "exp": int(time.time()) + 600}
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(rsa_keys.public_pem.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    for _ in range(3):
+        expect_failure(verifier, f"{head}.{body}.{b64(sig)}", "algorithm")
+    assert prepared_counts(verifier) == {"HS256": 0}
+
+
+def _segment_outcome(decode: Callable[[bytes, str], bytes], segment: bytes) -> bytes | str:
+    try:
+        return decode(segment, "header")
+    except jwt.DecodeError as exc:
+        return str(exc)
+
+
+@PROPERTY
+@given(
+    st.one_of(
+        st.binary(max_size=40).map(lambda raw: base64.urlsafe_b64encode(raw)),
+        st.text(alphabet="AQgw_-09az=!+/ .\n", max_size=24).map(str.encode),
+        st.binary(max_size=24),
+    )
+)
+@example(b"")
+@example(b"AA==")
+@example(b"AB==")  # not canonical: the low bits of B are not zero
+@example(b"AAA=")
+@example(b"A===")
+@example(b"AAAAA")
+def test_fast_segment_decoding_is_pyjwts(segment: bytes) -> None:
+    """The verifier's segment decoding (tokens._FastSegments) accepts and refuses exactly what
+    PyJWT's own does, with the same message."""
+    fast = _segment_outcome(_FastSegments._decode_base64url_segment, segment)
+    assert fast == _segment_outcome(jwt.PyJWS._decode_base64url_segment, segment)
