@@ -25,7 +25,10 @@ _LINE: Final = re.compile(r" \([^()]*:\d+\)$")
 #: (read from the leaf) matches, by function name or file.
 AREAS: Final[Sequence[tuple[str, Sequence[str]]]] = (
     ("token verification (PyJWT)", ("jwt/", "TokenVerifier.verify")),
-    ("logging (JSON lines)", ("logging/", "rapidphoto_contract/logs.py", "rapidphoto_relay/logs.py")),
+    (
+        "logging (JSON lines)",
+        ("logging/", "rapidphoto_contract/logs.py", "rapidphoto_relay/logs.py"),
+    ),
     ("Redis commands (redis-py)", ("redis/",)),
     ("subscribe (hub)", ("Hub.subscribe", "rapidphoto_relay/hub.py")),
     ("log read / snapshot (replay)", ("rapidphoto_relay/replay.py",)),
