@@ -17,6 +17,7 @@ from rapidphoto_contract.settings import (
     SessionConfig,
     WorkerConfig,
     env_value,
+    usable_cpus,
 )
 from tests.support.keypairs import KeyPair
 
@@ -48,6 +49,7 @@ def test_defaults_match_the_spec_table() -> None:
         "sse_retry_ms": 2000,
         "sse_buffer_events": 1000,
         "relay_demo": False,
+        "relay_workers": 1,
         "session_ttl_seconds": 86_400,
         "session_log_maxlen": 1000,
     }
@@ -173,6 +175,7 @@ INT_VARS = [
     ("SSE_HEARTBEAT_SECONDS", 1, 3600),
     ("SSE_RETRY_MS", 0, 3_600_000),
     ("SSE_BUFFER_EVENTS", 1, 1_000_000),
+    ("RELAY_WORKERS", 1, 64),
     ("SESSION_TTL_SECONDS", 1, 10 * 365 * 86_400),
     ("SESSION_LOG_MAXLEN", 1, 10_000_000),
 ]
@@ -483,3 +486,8 @@ def test_a_variable_means_the_same_in_every_group_that_reads_it(rsa_keys: KeyPai
         assert isinstance(whole, group)
         for field in attrs.fields(group):
             assert getattr(part, field.name) == getattr(whole, field.name), field.name
+
+
+@pytest.mark.parametrize("raw", ["auto", "AUTO", " auto "])
+def test_relay_workers_auto_is_one_per_usable_cpu(raw: str) -> None:
+    assert RelayConfig.from_env({"RELAY_WORKERS": raw}).relay_workers == usable_cpus()

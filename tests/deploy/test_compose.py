@@ -105,8 +105,9 @@ def relay_services(compose: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def test_settings_variables_are_spec_section_2() -> None:
     names = settings_variables()
     assert {"REDIS_URL", "JWT_SECRET", "RELAY_PORT", "SESSION_LOG_MAXLEN"} <= names
-    # PROTOCOL §2's table: 19 names; and the request head deadline and pending cap (issue 9)
-    assert len(names) == 21
+    # PROTOCOL §2's table: 19 names; the request head deadline and pending cap (issue 9);
+    # RELAY_WORKERS (issue 12)
+    assert len(names) == 22
 
 
 def test_each_deployable_reads_what_it_uses() -> None:

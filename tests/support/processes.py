@@ -119,5 +119,6 @@ def start_relay(
         except httpx.HTTPError:
             return False
 
-    wait_until(up, timeout=20, what=f"{name} on port {port}")
+    # A ceiling, not a delay: on a busy 2-core machine a relay (or its processes) can take long.
+    wait_until(up, timeout=60, what=f"{name} on port {port}")
     return proc

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import gc
 import logging.config
+import signal
 import socket
 import sys
 from types import FrameType
@@ -27,7 +28,7 @@ import uvicorn
 from litestar import Litestar
 from litestar.types import ASGIApp
 
-from rapidphoto_contract.settings import ConfigError, RelayConfig
+from rapidphoto_contract.settings import ConfigError, RelayConfig, parse_relay_workers
 from rapidphoto_relay.app import SERVICES_STATE_KEY, create_app
 from rapidphoto_relay.connections import (
     FD_RESERVE,
@@ -40,6 +41,7 @@ from rapidphoto_relay.direct import ServerSendCapture
 from rapidphoto_relay.headers import HeaderSizeLimit
 from rapidphoto_relay.logs import logging_config
 from rapidphoto_relay.services import RelayServices
+from rapidphoto_relay.supervisor import Supervisor, listening_socket
 from rapidphoto_relay.uvicorn_seam import UvicornSeam, check_uvicorn
 
 #: PROTOCOL §5: all streams closed within 5 s of SIGTERM; uvicorn's own deadline is the backstop.
@@ -97,12 +99,26 @@ def http_protocol(
     return protocol_class(pending) if seam.head_deadline else "httptools"
 
 
+def _workers_argument(raw: str) -> int:
+    try:
+        return parse_relay_workers({"RELAY_WORKERS": raw}, "RELAY_WORKERS")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="rapidphoto-relay", description="Serve RapidPhoto's SSE relay (PROTOCOL §5)."
     )
     parser.add_argument("--host", help="listen address (overrides RELAY_HOST)")
     parser.add_argument("--port", type=int, help="listen port (overrides RELAY_PORT)")
+    parser.add_argument(
+        "--workers",
+        type=_workers_argument,
+        help="relay processes on the port, N or 'auto' (one per CPU; overrides RELAY_WORKERS)",
+    )
+    # Set by the supervisor for its processes (supervisor.py): bind with SO_REUSEPORT.
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         settings = RelayConfig.from_env()
@@ -114,8 +130,23 @@ def main(argv: list[str] | None = None) -> None:
         settings = attrs.evolve(settings, relay_host=args.host)
     if args.port is not None:
         settings = attrs.evolve(settings, relay_port=args.port)
+    if args.workers is not None:
+        settings = attrs.evolve(settings, relay_workers=args.workers)
     # Before anything logs (uvicorn.Config applies the same configuration again).
     logging.config.dictConfig(logging_config())
+    if settings.relay_workers > 1:
+        supervisor = Supervisor(settings.relay_host, settings.relay_port, settings.relay_workers)
+        status = supervisor.run()
+        if status == 0 and supervisor.stopped_by is not None:
+            # As a single relay does (uvicorn re-raises the signal it stopped on).
+            signal.signal(supervisor.stopped_by, signal.SIG_DFL)
+            signal.raise_signal(supervisor.stopped_by)
+        raise SystemExit(status)
+    sockets = (
+        [listening_socket(settings.relay_host, settings.relay_port, reuse_port=True)]
+        if args.reuse_port
+        else None
+    )
     seam = check_uvicorn()
     app = create_app(settings)
     # Connections that have not sent a whole request head yet: deadline and cap (connections.py).
@@ -147,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     raise_open_files_limit(
         settings.relay_max_connections + settings.relay_max_pending_connections + FD_RESERVE
     )
-    RelayServer(config, app).run()
+    RelayServer(config, app).run(sockets)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """Prometheus metrics of one relay process, in their own registry (served at ``/metrics``).
 
+Under ``--workers N`` (``supervisor.py``) the processes share one port, so each writes its values
+to files in ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` serves the sum over the processes
+(``prometheus_client``'s multiprocess mode): gauges over the live ones (``livesum``).
+
 Counters are incremented where the work is done once: ``events_delivered`` by the number of local
 subscribers once per message (not once per write), so the hot path pays nothing per delivery.
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,6 +19,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 from rapidphoto_relay.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
@@ -21,19 +28,33 @@ from rapidphoto_relay.loop_lag import LAG_BUCKETS as LOOP_LAG_BUCKETS
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+def multiprocess_dir() -> str | None:
+    """The directory of the processes' metrics under ``--workers N``, else ``None``."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class RelayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._exposed = self.registry
+        if multiprocess_dir() is not None:
+            self._exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
         self.open_streams = Gauge(
-            "rapidphoto_relay_open_streams", "SSE streams open now", ["kind"], registry=r
+            "rapidphoto_relay_open_streams",
+            "SSE streams open now",
+            ["kind"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.subscribed_channels = Gauge(
             "rapidphoto_relay_subscribed_channels",
-            "Redis pub/sub channels this process is subscribed to",
+            "Redis pub/sub channels this relay is subscribed to (summed over its processes)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.events_delivered = Counter(
             "rapidphoto_relay_events_delivered",
@@ -87,6 +108,7 @@ class RelayMetrics:
             "rapidphoto_relay_pending_connections",
             "Connections waiting for a request head (new, or idle between requests)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_closed = Counter(
             "rapidphoto_relay_connections_closed",
@@ -114,4 +136,4 @@ class RelayMetrics:
             self.connections_closed.labels(reason)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)

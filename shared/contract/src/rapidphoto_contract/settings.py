@@ -54,6 +54,25 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+#: ``RELAY_WORKERS`` at most (a typo such as 1000 should not fork a thousand relays).
+MAX_RELAY_WORKERS: Final = 64
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def parse_relay_workers(env: Mapping[str, str], name: str) -> int:
+    """``auto``: one per usable CPU; else an integer 1..:data:`MAX_RELAY_WORKERS`."""
+    raw = env.get(name, "").strip()
+    if raw.lower() == "auto":
+        return min(MAX_RELAY_WORKERS, usable_cpus())
+    return _int(env, name, 1, 1, MAX_RELAY_WORKERS)
+
+
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name, "").strip()
     return raw or default
@@ -196,6 +215,7 @@ def _relay_fields(e: Mapping[str, str]) -> dict[str, Any]:
         "sse_retry_ms": _int(e, "SSE_RETRY_MS", 2000, 0, 3_600_000),
         "sse_buffer_events": _int(e, "SSE_BUFFER_EVENTS", 1000, 1, 1_000_000),
         "relay_demo": _flag(e, "RELAY_DEMO"),
+        "relay_workers": parse_relay_workers(e, "RELAY_WORKERS"),
     }
 
 
@@ -285,6 +305,8 @@ class RelayConfig(RedisConfig, JwtConfig, ListenConfig):
     sse_retry_ms: int = 2000
     sse_buffer_events: int = 1000
     relay_demo: bool = False
+    #: Processes serving the one port (``rapidphoto-relay --workers``); limits are per process.
+    relay_workers: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
