@@ -1,18 +1,12 @@
 """``rapidphoto_tools.realtime`` against real relay processes on a real Redis (state written by the
 worker's own scripts, ``tests/support/seed.py``): typed events, resumption without loss or repeat
-after a relay is killed, ``Retry-After``, the final reasons, 204, cancellation.
-
-Two relays are shared by the module (a 100 ms ``retry:``, a 1 s heartbeat, two streams per user);
-every test uses fresh ids."""
+after a relay is killed, ``Retry-After``, the final reasons, 204, cancellation. The two relays
+are the package's (``tests/tools/conftest.py``)."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, cast
+from collections.abc import Callable
 
 import pytest
 
@@ -25,7 +19,6 @@ from rapidphoto_contract.events import (
     SessionSnapshot,
     SessionStarted,
 )
-from rapidphoto_contract.tokens import mint_token
 from rapidphoto_tools.realtime import (
     EventStream,
     OtherEvent,
@@ -35,65 +28,9 @@ from rapidphoto_tools.realtime import (
     stream,
     stream_path,
 )
-from tests.conftest import TEST_SECRET
-from tests.support.processes import ManagedProcess, start_relay
-from tests.support.redis_server import RedisServer, free_port
-from tests.support.seed import Seeder, seeder
+from tests.support.seed import Seeder
 from tests.support.sse import open_sse
-
-RELAY_ENV = {
-    "JWT_SECRET": TEST_SECRET,
-    "SSE_RETRY_MS": "100",
-    "SSE_HEARTBEAT_SECONDS": "1",
-    "RELAY_MAX_CONNECTIONS_PER_USER": "2",
-}
-
-
-class Relays:
-    def __init__(self, redis: RedisServer, log_dir: Path) -> None:
-        self.redis = redis
-        self.log_dir = log_dir
-        self.ports = [free_port(), free_port()]
-        with ThreadPoolExecutor(2) as pool:  # each takes seconds to import: start both at once
-            self.procs = list(pool.map(self._start, range(2)))
-
-    def _start(self, n: int) -> ManagedProcess:
-        env = cast("dict[str, Any]", RELAY_ENV)  # start_relay's own ``ready`` is a bool
-        return start_relay(self.redis.url, self.ports[n], self.log_dir, f"relay-{n}", **env)
-
-    def url(self, n: int) -> str:
-        if not self.procs[n].running():  # killed by an earlier test
-            self.procs[n] = self._start(n)
-        return f"http://127.0.0.1:{self.ports[n]}"
-
-
-@pytest.fixture(scope="module")
-def relays(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relays]:
-    server = RedisServer()
-    server.start()
-    try:
-        pair = Relays(server, tmp_path_factory.mktemp("realtime"))
-        try:
-            yield pair
-        finally:
-            for proc in pair.procs:
-                proc.stop()
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def seed(relays: Relays) -> AsyncIterator[Seeder]:
-    async with seeder(relays.redis.url) as s:
-        yield s
-
-
-def fresh(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def token(user: str, ttl: float = 3600) -> str:
-    return mint_token(user, key=TEST_SECRET, ttl_seconds=ttl)
+from tests.tools.conftest import Relays, fresh, token
 
 
 async def until(check: Callable[[], bool], within: float = 10.0) -> None:
@@ -275,6 +212,35 @@ async def test_notifications_and_direct_publishes_of_unknown_types(
     log = await seed.entries(keys.user_notifications_log_key(user))
     assert events.last_event_id == log[-1][0]
     assert not isinstance(note, SessionStarted)
+
+
+async def test_a_silent_connection_is_resumed_from_the_position_it_resumed_from(
+    relays: Relays, seed: Seeder
+) -> None:
+    """Regression: each response's SSE decoder starts with no id, so the ``retry:`` frame of a
+    resumed stream cleared the resume position; dropped before its first event, the stream came
+    back without ``Last-Event-ID`` and resynchronised (a snapshot) instead of resuming."""
+    session, user = fresh("s"), fresh("u")
+    await seed.start(session, user, 2)
+    newest = (await seed.entries(keys.session_log_key(session)))[-1][0]
+    changes: list[StateChange] = []
+    # Shorter than the relay's 1 s heartbeat: every connection is given up as silent.
+    events = stream(
+        relays.url(1),
+        token=token(user),
+        sessions=[session],
+        last_event_id=newest,
+        idle_timeout=0.4,
+        on_state=changes.append,
+    )
+    async with events:
+        await until(lambda: sum(c.state == "reconnecting" for c in changes) >= 2)
+        await seed.upload(session, "p1")
+        (first,) = await take(events, 1)
+    assert isinstance(first, PhotoUploaded)  # resumed after `newest`: no snapshot
+    lost = [c for c in changes if c.state == "reconnecting"]
+    assert lost[0].reason is not None
+    assert lost[0].reason.startswith("connection lost")
 
 
 # Last in the module: the relay it kills is started again only if a later test needs it.

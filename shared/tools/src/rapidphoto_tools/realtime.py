@@ -398,11 +398,17 @@ class _Reader:
         if content_type != "text/event-stream":
             raise StreamRefused("refused", status=status, detail=f"not a stream: {content_type}")
         self._report("open", url)
+        # WHATWG: the last event id outlives a connection, and is set at every dispatch (also of
+        # a frame without data). httpx-sse's decoder starts each response from "", so only a
+        # change of its id within this response is an ``id:`` field; otherwise the retry frame
+        # of a resumed stream would erase the position it resumed from.
+        seen_id = ""
         async for sse in EventSource(response).aiter_sse():
             if sse.retry is not None and sse.retry >= 0:
                 self.retry = sse.retry / 1000
-            # WHATWG: the last event id is set at every dispatch, also of a frame without data.
-            self.resume_id = sse.id or None
+            if sse.id != seen_id:
+                seen_id = sse.id
+                self.resume_id = sse.id or None
             if not sse.data:
                 continue  # the retry frame; httpx-sse also dispatches heartbeats once an id was seen
             event = _decode(sse.data)
