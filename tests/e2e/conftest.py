@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from rapidphoto_contract import keys
 from rapidphoto_contract.tokens import mint_token
 from rapidphoto_tools.client import UploadJobsClient
+from rapidphoto_tools.realtime import EventStream, OtherEvent, StreamEvent
 from tests.conftest import TEST_SECRET
 from tests.support.processes import ManagedProcess, start_relay, start_worker, wait_until
 from tests.support.redis_server import free_port
@@ -299,6 +300,54 @@ def assert_exactly_the_log(
     ids = [f.id for f in frames]
     assert len(set(ids)) == len(ids), f"{client}: an event arrived twice: {ids}"
     assert got == want, f"{client}: got {len(got)} events, the log has {len(want)} after {after}"
+
+
+def as_frames(events: list[StreamEvent]) -> list[SSEFrame]:
+    """Typed events from the product's client as the frames they came in (single streams: the SSE
+    id is the payload's ``eventId``; the contract re-encodes the worker's bytes exactly)."""
+    frames = []
+    for event in events:
+        assert not isinstance(event, OtherEvent), f"not an event of the contract: {event}"
+        frames.append(
+            SSEFrame(
+                raw=b"", event=event.TYPE, data=event.to_json(), id=getattr(event, "event_id", None)
+            )
+        )
+    return frames
+
+
+async def take(events: EventStream, count: int, within: float = 10.0) -> list[StreamEvent]:
+    """The next ``count`` events of a stream of the product's client."""
+    out: list[StreamEvent] = []
+    async with asyncio.timeout(within):
+        while len(out) < count:
+            out.append(await anext(events))
+    return out
+
+
+async def to_the_end(events: EventStream, within: float = 20.0) -> list[StreamEvent]:
+    """Every further event until the stream ends normally (STREAM_CLOSED completed, or 204)."""
+    async with asyncio.timeout(within):
+        rest = [event async for event in events]
+    assert events.close_reason == "completed"
+    return rest
+
+
+async def opened(events: EventStream, within: float = 10.0) -> None:
+    """Until the stream is open (its 200 came: the relay subscribed it before answering)."""
+
+    async def is_open() -> bool:
+        return events.state == "open"
+
+    await eventually(is_open, "the stream open", within)
+
+
+async def silent(events: EventStream, seconds: float) -> None:
+    """No event for ``seconds``."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            event = await anext(events)
+        raise AssertionError(f"expected no event, got {event}")
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

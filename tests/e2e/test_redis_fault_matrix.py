@@ -45,6 +45,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from rapidphoto_tools.client import UploadJobsClient
+from rapidphoto_tools.realtime import OtherEvent, StateChange, StreamRefused, stream
 from tests.e2e.conftest import (
     Cluster,
     LogEntry,
@@ -57,7 +58,7 @@ from tests.e2e.conftest import (
     worker_outcomes,
 )
 from tests.support.redis_server import RedisServer
-from tests.support.sse import SSEFrame, StreamEnded, open_sse
+from tests.support.sse import SSEFrame
 
 pytestmark = pytest.mark.e2e
 
@@ -82,7 +83,7 @@ PROBE_EVERY = 0.1
 PROBE_AFTER = 1.0
 #: A stream that sends nothing (not even a heartbeat, every second here) this long is stalled.
 STALL_SECONDS = 8.0
-#: A resuming client waits this long before reconnecting after its stream ended (SSE_RETRY_MS).
+#: The relays' SSE_RETRY_MS: how long a resuming client waits before reconnecting.
 RECONNECT_MS = 500
 #: The whole scenario, fault included, must be over within this.
 SCENARIO_SECONDS = 75.0
@@ -177,14 +178,15 @@ class Attempt:
 
 @dataclass
 class ResumingClient:
-    """A client that follows one session on one relay until the session is done, resuming with
-    ``Last-Event-ID`` whenever its stream ends, as EventSource and loadtests' client do."""
+    """The product's client (``rapidphoto_tools.realtime``) following one session on one relay
+    until the session is done: it resumes with ``Last-Event-ID`` whenever its stream ends and
+    waits the ``Retry-After`` of a 503. Its state reports give the attempts measured here."""
 
     relay: RelayInstance
     session: str
     token: str
-    #: (receive time, id, event type, data) of every event, STREAM_CLOSED included.
-    events: list[tuple[float, str | None, str | None, str | None]] = field(default_factory=list)
+    #: (receive time, SSE id, event type, payload) of every event.
+    events: list[tuple[float, str | None, str, str]] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     end: str = ""
 
@@ -192,59 +194,46 @@ class ResumingClient:
     def name(self) -> str:
         return f"{self.session}@{self.relay.name}"
 
+    def _on_state(self, change: StateChange) -> None:
+        attempt = self.attempts[-1]
+        if change.state == "open":
+            attempt.status = 200
+        elif change.state == "reconnecting":
+            reason = change.reason or ""
+            if reason.startswith("HTTP "):
+                attempt.status = int(reason.removeprefix("HTTP "))
+            else:
+                attempt.ended = reason.partition(":")[0]  # "connection lost: <detail>"
+            # The next request goes out once the announced delay is over.
+            self.attempts.append(Attempt(time.time() + (change.retry_in or 0.0), 0))
+
     async def run(self) -> None:
-        last_id: str | None = None
-        while not self.end:
-            attempt = Attempt(time.time(), 0)
-            self.attempts.append(attempt)
-            wait = RECONNECT_MS / 1000
-            try:
-                async with open_sse(
-                    self.relay.base_url,
-                    session_path(self.session),
-                    token=self.token,
-                    last_event_id=last_id,
-                ) as stream:
-                    attempt.status = stream.status_code
-                    attempt.retry_after = stream.headers.get("retry-after")
-                    if stream.status_code == 503 and attempt.retry_after is not None:
-                        attempt.body = stream.body.decode(errors="replace")
-                        wait = max(wait, float(attempt.retry_after))
-                        continue
-                    if stream.status_code != 200:  # final, for EventSource too
-                        attempt.body = stream.body.decode(errors="replace")
-                        self.end = f"refused {stream.status_code}"
-                        return
-                    while not attempt.ended:
-                        try:
-                            frame = await stream.next_frame(STALL_SECONDS)
-                        except StreamEnded:
-                            attempt.ended = "dropped"
-                            break
-                        except TimeoutError:
-                            attempt.ended = "stalled"
-                            break
-                        if not frame.is_event:
-                            continue
-                        self.events.append((time.time(), frame.id, frame.event, frame.data))
-                        if frame.event == "STREAM_CLOSED":
-                            attempt.ended = frame.json()["reason"]
-                            if attempt.ended in ("completed", "session-not-found", "forbidden"):
-                                self.end = attempt.ended
-                        elif frame.id is not None:
-                            last_id = frame.id
-            except httpx.HTTPError as exc:
-                attempt.ended = f"error {type(exc).__name__}"
-            finally:
-                if not self.end:
-                    await asyncio.sleep(wait)
+        self.attempts.append(Attempt(time.time(), 0))
+        events = stream(
+            self.relay.base_url,
+            token=self.token,
+            sessions=[self.session],
+            on_state=self._on_state,
+            idle_timeout=STALL_SECONDS,
+        )
+        try:
+            async with events:
+                async for event in events:
+                    assert not isinstance(event, OtherEvent), event
+                    self.events.append(
+                        (time.time(), events.last_event_id, event.TYPE, event.to_json())
+                    )
+            self.end = self.attempts[-1].ended = "completed"
+        except StreamRefused as refused:
+            self.end = refused.reason if refused.status is None else f"refused {refused.status}"
+            self.attempts[-1].ended = refused.reason
 
     def check(self, log: list[LogEntry]) -> None:
-        """Every event of ``log`` after the first snapshot exactly once, in order."""
+        """Every event of ``log`` after the first snapshot exactly once, in order (the typed
+        events re-encoded: the contract's encoding is the worker's, byte for byte)."""
         frames = [
             SSEFrame(raw=b"", event=event, data=data, id=event_id)
             for _, event_id, event, data in self.events
-            if event != "STREAM_CLOSED"
         ]
         assert frames, f"{self.name}: no event at all"
         assert frames[0].event == "SESSION_SNAPSHOT", f"{self.name}: {frames[0].event} first"
