@@ -69,3 +69,15 @@ def test_a_throttle_says_one_line_per_interval_with_the_count_since_the_last() -
     now[0] += 0.1
     assert throttle.hit() == 502  # everything since the last line, this one included
     assert throttle.hit() is None
+
+
+def test_timestamps_are_utc_milliseconds_across_seconds() -> None:
+    """The formatter formats the date once per second: each line still has its own time."""
+    import datetime as dt
+
+    formatter = JsonFormatter()
+    for created in (1764213600.0, 1764213600.5, 1764213600.999, 1764213601.001, 1764213599.25):
+        rec = record("x")
+        rec.created = created
+        expected = dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="milliseconds")
+        assert json.loads(formatter.format(rec))["ts"] == expected

@@ -44,6 +44,17 @@ class JsonFormatter(logs.JsonFormatter):
         return redact(super().format(record))
 
 
+def lean_records() -> None:
+    """Records without what no relay line shows: the caller's file and line (a walk up the stack
+    per record), the thread, the process and its name (a ``getpid()`` per record). About a third of
+    the cost of a log line, and the relay writes two per stream opened (``docs/performance.md``).
+    The logging module's documented switches, for this process."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
 def logging_config(level: str = "INFO") -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for the relay and uvicorn (passed as uvicorn's log_config)."""
     return {

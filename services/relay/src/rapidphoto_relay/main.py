@@ -39,7 +39,7 @@ from rapidphoto_relay.connections import (
 )
 from rapidphoto_relay.direct import ServerSendCapture
 from rapidphoto_relay.headers import HeaderSizeLimit
-from rapidphoto_relay.logs import logging_config
+from rapidphoto_relay.logs import lean_records, logging_config
 from rapidphoto_relay.services import RelayServices
 from rapidphoto_relay.supervisor import Supervisor, listening_socket
 from rapidphoto_relay.uvicorn_seam import UvicornSeam, check_uvicorn
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers is not None:
         settings = attrs.evolve(settings, relay_workers=args.workers)
     # Before anything logs (uvicorn.Config applies the same configuration again).
+    lean_records()
     logging.config.dictConfig(logging_config())
     if settings.relay_workers > 1:
         supervisor = Supervisor(settings.relay_host, settings.relay_port, settings.relay_workers)

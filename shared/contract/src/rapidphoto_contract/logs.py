@@ -10,6 +10,7 @@ process adds its own specifics (the relay's token redaction, the worker's arq fi
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import logging
 import time
@@ -26,25 +27,53 @@ STANDARD_ATTRIBUTES: Final = frozenset(
 ) | {"message", "asctime", "color_message", "taskName"}
 
 
+#: How many attributes ``LogRecord.__init__`` sets: a record's ``extra=`` keys come after them.
+_INIT_ATTRIBUTES: Final = len(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)))
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line (see the module)."""
+    """One JSON object per line (see the module).
+
+    Written for a relay that logs each stream it opens (thousands a second in a reconnection
+    storm): the timestamp's date and time are formatted once per second, and only the attributes
+    added after ``LogRecord.__init__`` are looked at for fields.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, created: float) -> str:
+        second = int(created)
+        # As datetime does: the time rounded to the microsecond, then cut to the millisecond.
+        micro = round((created - second) * 1_000_000)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        if second != self._second:
+            self._second_text = dt.datetime.fromtimestamp(second, dt.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S"
+            )
+            self._second = second
+        return f"{self._second_text}.{micro // 1000:03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
-                timespec="milliseconds"
-            ),
+            "ts": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key in STANDARD_ATTRIBUTES or key.startswith("_"):
-                continue
-            if key == FIELDS and isinstance(value, Mapping):
-                out.update(value)
-            else:
-                out[key] = value
+        attributes = record.__dict__
+        if len(attributes) > _INIT_ATTRIBUTES:
+            for key in itertools.islice(attributes, _INIT_ATTRIBUTES, None):
+                if key in STANDARD_ATTRIBUTES or key.startswith("_"):
+                    continue
+                value = attributes[key]
+                if key == FIELDS and isinstance(value, Mapping):
+                    out.update(value)
+                else:
+                    out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, ensure_ascii=False)
