@@ -147,6 +147,7 @@ async def run_scenario(
     server_cmd: str | None,
     profile: Path | None = None,
     via_nginx: bool = False,
+    workers: int = 1,
 ) -> Result:
     result = Result(scenario.name, target, scenario.streams, scenario.channels, scenario.rate)
     result.load_before = procfs.loadavg()
@@ -165,6 +166,7 @@ async def run_scenario(
         scenario.channels,
         logs,
         server_cmd,
+        workers if target == "relay" else 1,
     )
     spy: asyncio.subprocess.Process | None = None
     proxy: Nginx | None = None
@@ -393,6 +395,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                     args.server_cmd,
                     args.profile,
                     args.via_nginx,
+                    args.workers,
                 )
                 if target == "relay" and args.label:
                     result.target = args.label
@@ -422,6 +425,13 @@ def main() -> None:
     parser.add_argument("--storm", type=int, help="override a storm's streams opened at once")
     parser.add_argument(
         "--server-cmd", help="run this instead of rapidphoto-relay ({port} is replaced)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="RELAY_WORKERS of the relay; above 1 it is not pinned (its processes share the "
+        "client's core too)",
     )
     parser.add_argument("--label", help="name of the relay target in the table (e.g. baseline)")
     parser.add_argument(

@@ -45,6 +45,7 @@ class Server:
         channels: int,
         logs: Path,
         server_cmd: str | None,
+        workers: int = 1,
     ) -> None:
         self.port = free_port()
         self.target = target
@@ -56,6 +57,7 @@ class Server:
             "RELAY_PORT": str(self.port),
             "RELAY_MAX_CONNECTIONS": str(max(10_000, streams)),
             "RELAY_MAX_CONNECTIONS_PER_USER": str(max(32, -(-streams // channels))),
+            "RELAY_WORKERS": str(workers),
         }
         cwd: Path | None = None
         if target == "reference":
@@ -69,7 +71,12 @@ class Server:
         self.log_path = logs / f"{target}-{run_name}.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*pinned(1), *argv], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
+                # --workers N > 1: the relay's processes may run on every core (the client's too).
+                [*(pinned(1) if workers == 1 else []), *argv],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
             )
 
     @property
