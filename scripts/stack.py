@@ -238,6 +238,11 @@ def main() -> int:
                 f"  relay      http://127.0.0.1:{port}/  (metrics: http://127.0.0.1:{port}/metrics)"
             )
         print(f"  demo page  http://127.0.0.1:{ports[0]}/demo?access_token={token}&{query}")
+        relay_flags = " ".join(f"--relay http://127.0.0.1:{port}" for port in ports)
+        print(
+            f"  terminal   RAPIDPHOTO_TOKEN={token} .venv/bin/rapidphoto watch {relay_flags} "
+            f"--notifications {' '.join(session_ids)}"
+        )
         print(f"  API docs   http://127.0.0.1:{ports[0]}/schema")
         print(f"  token for {args.user}: {token}")
         print("  Ctrl-C stops everything.\n")

@@ -19,10 +19,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.e2e.conftest import NOTIFICATION_STREAM, session_path
+from rapidphoto_contract.events import SessionCompleted, SessionSnapshot
+from rapidphoto_tools.realtime import stream
+from tests.e2e.conftest import take, to_the_end
 from tests.support.processes import wait_until
 from tests.support.redis_server import free_port
-from tests.support.sse import open_sse
 
 pytestmark = pytest.mark.e2e
 
@@ -175,6 +176,7 @@ def test_stack_runs_a_simulation_to_completion_and_ctrl_c_leaves_nothing_behind(
     )
     started = time.monotonic()
     demo = run.wait_for_line(r"demo page\s+(http://\S+)", 60).group(1)
+    watch = run.wait_for_line(r"terminal\s+RAPIDPHOTO_TOKEN=\S+ (\S+ watch .*)", 10).group(1)
     ready_in = time.monotonic() - started
     assert "[stack] started redis-server on redis://127.0.0.1:" in run.output()
     relays = [int(p) for p in re.findall(r"relay\s+http://127\.0\.0\.1:(\d+)/", run.output())]
@@ -208,6 +210,10 @@ def test_stack_runs_a_simulation_to_completion_and_ctrl_c_leaves_nothing_behind(
     query = parse_qs(url.query)
     token, watched = query["access_token"][0], query["session"]
     assert len(watched) == sessions
+    relay_flags = " ".join(f"--relay http://127.0.0.1:{relay}" for relay in relays)
+    assert watch == (
+        f".venv/bin/rapidphoto watch {relay_flags} --notifications {' '.join(watched)}"
+    )
 
     # Every simulated session completes with all its photos, seen through both relays.
     asyncio.run(_sessions_complete(relays, token, watched, photos))
@@ -231,17 +237,15 @@ async def _sessions_complete(
 ) -> None:
     for n, session in enumerate(watched):
         base = f"http://127.0.0.1:{relays[n % 2]}"
-        async with open_sse(base, session_path(session), token=token) as stream:
-            assert stream.status_code == 200
-            events = [f for f in await stream.wait_ended(60) if f.is_event]
-        assert events[-1].json() == {"type": "STREAM_CLOSED", "reason": "completed"}
-        final = events[-2].json()
-        assert final["status"] == "COMPLETED"
-        assert final["uploadedPhotos"] + final["failedPhotos"] == final["totalPhotos"] == photos
-    async with open_sse(
-        f"http://127.0.0.1:{relays[1]}", NOTIFICATION_STREAM, token=token, last_event_id="0-0"
-    ) as notes:  # an id older than the log: all of it (PROTOCOL §5)
-        got = {(await notes.next_event(10)).json()["sessionId"] for _ in watched}
+        events = await to_the_end(stream(base, token=token, sessions=[session]), 60)
+        final = events[-1]  # the snapshot of a session already completed, or its last event
+        assert isinstance(final, SessionCompleted | SessionSnapshot)
+        assert final.status == "COMPLETED"
+        assert final.uploaded_photos + final.failed_photos == final.total_photos == photos
+    # An id older than the log: all of it (PROTOCOL §5).
+    base = f"http://127.0.0.1:{relays[1]}"
+    async with stream(base, token=token, notifications=True, last_event_id="0-0") as notes:
+        got = {getattr(note, "session_id", None) for note in await take(notes, len(watched))}
     assert got == set(watched)
 
 

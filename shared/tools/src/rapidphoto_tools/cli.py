@@ -7,11 +7,14 @@
     rapidphoto simulate [--sessions N] [--photos M] [--rate R] [--failure-ratio F] [--seed S]
                         [--user U] [--users K] [--duplicates P] [--session-prefix PREFIX]
                         [--start-delay SECONDS] [--wait | --no-wait] [--timeout SECONDS]
+    rapidphoto watch <session_id>... [--notifications] [--relay URL]... [--user U]
+                     [--timeout SECONDS]
 
 Configuration comes from the same environment variables as the services (``REDIS_URL``,
-``JWT_SECRET``, ...). Output is made for scripts: ``token`` prints only the token and the enqueue
-commands only the job id, so ``TOKEN=$(rapidphoto token alice)`` works. Exit status: 0 done,
-1 a runtime failure (Redis unreachable, ``simulate --wait`` timed out), 2 bad input or
+``JWT_SECRET``, ...; ``watch`` takes its token from ``RAPIDPHOTO_TOKEN``). Output is made for
+scripts: ``token`` prints only the token and the enqueue commands only the job id, so
+``TOKEN=$(rapidphoto token alice)`` works. Exit status: 0 done, 1 a runtime failure (Redis
+unreachable, ``simulate --wait`` timed out, ``watch`` refused or timed out), 2 bad input or
 configuration, with nothing enqueued.
 """
 
@@ -24,19 +27,21 @@ from collections.abc import Callable, Sequence
 from rapidphoto_contract.ids import InvalidId
 from rapidphoto_contract.jobs import InvalidCommand
 from rapidphoto_contract.settings import ConfigError
-from rapidphoto_tools import cli_jobs, cli_simulate
+from rapidphoto_tools import cli_jobs, cli_simulate, cli_watch
 from rapidphoto_tools.cli_common import EXIT_FAILED, EXIT_USAGE, RedisUnavailable, error
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rapidphoto",
-        description="RapidPhoto upload progress: dev tokens, hand-made jobs, simulated uploads. "
+        description="RapidPhoto upload progress: dev tokens, hand-made jobs, simulated uploads, "
+        "live progress. "
         "Reads REDIS_URL, JWT_SECRET, ... like the services.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_jobs.add_parsers(sub)
     cli_simulate.add_parser(sub)
+    cli_watch.add_parser(sub)
     return parser
 
 

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.exceptions import RedisError
 
+from rapidphoto_contract.settings import ConfigError, JwtConfig
+from rapidphoto_contract.tokens import mint_for_settings
 from rapidphoto_tools.client import UploadJobsClient
 
 EXIT_OK: Final = 0
@@ -54,6 +56,17 @@ def float_between(lo: float, hi: float, *, open_low: bool = False) -> Callable[[
 
 def error(message: str) -> None:
     print(f"rapidphoto: error: {message}", file=sys.stderr)
+
+
+def dev_token(user_id: str, ttl_seconds: float = 3600) -> str:
+    """A development token for ``user_id``, signed with ``JWT_SECRET`` (``rapidphoto token``)."""
+    settings = JwtConfig.from_env()
+    if settings.jwt_secret is None:
+        raise ConfigError("JWT_SECRET", "not set; development tokens are signed with it")
+    try:
+        return mint_for_settings(user_id, settings, ttl_seconds=ttl_seconds)
+    except ValueError as exc:  # no HS* algorithm listed
+        raise ConfigError("JWT_ALGORITHMS", str(exc)) from None
 
 
 class RedisUnavailable(Exception):

@@ -10,9 +10,8 @@ from arq.jobs import Job
 
 from rapidphoto_contract.ids import validate_id
 from rapidphoto_contract.jobs import CompletePhotoUpload, FailPhotoUpload, StartUploadSession
-from rapidphoto_contract.settings import ConfigError, JwtConfig, RedisConfig
-from rapidphoto_contract.tokens import mint_for_settings
-from rapidphoto_tools.cli_common import EXIT_OK, int_between, with_jobs
+from rapidphoto_contract.settings import RedisConfig
+from rapidphoto_tools.cli_common import EXIT_OK, dev_token, int_between, with_jobs
 from rapidphoto_tools.client import UploadJobsClient
 
 #: A development token lives a year at most; longer is a typo.
@@ -50,17 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _token(args: argparse.Namespace) -> int:
-    user_id = validate_id("user_id", args.user_id)
-    settings = JwtConfig.from_env()
-    if settings.jwt_secret is None:
-        raise ConfigError(
-            "JWT_SECRET", "not set; `rapidphoto token` signs development tokens with it"
-        )
-    try:
-        token = mint_for_settings(user_id, settings, ttl_seconds=args.ttl)
-    except ValueError as exc:  # no HS* algorithm listed
-        raise ConfigError("JWT_ALGORITHMS", str(exc)) from None
-    print(token)
+    print(dev_token(validate_id("user_id", args.user_id), ttl_seconds=args.ttl))
     return EXIT_OK
 
 
