@@ -18,6 +18,7 @@ from rapidphoto_contract.events import (
     Notification,
     PhotoFailed,
     PhotoUploaded,
+    SessionClosed,
     SessionCompleted,
     SessionSnapshot,
     SessionStarted,
@@ -145,6 +146,10 @@ GOLDEN: list[tuple[events.Event, str]] = [
         '{"type":"STREAM_CLOSED","reason":"completed"}',
     ),
     (
+        SessionClosed(session_id="s3", reason="session-not-found"),
+        '{"type":"SESSION_CLOSED","sessionId":"s3","reason":"session-not-found"}',
+    ),
+    (
         # A published payload without worker metadata (another backend's PUBLISH).
         SessionStarted(
             session_id="s2",
@@ -176,7 +181,7 @@ def test_decode_round_trip(event: events.Event, wire: str) -> None:
 
 def test_every_message_type_has_a_golden_string() -> None:
     assert {e.TYPE for e, _ in GOLDEN} == set(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == 7
+    assert len(MESSAGE_TYPES) == 8
 
 
 def test_wire_json_is_a_single_line_object() -> None:

@@ -25,6 +25,7 @@ def test_info_describes_the_streams(relay: Relay) -> None:
     assert response.json() == {
         "sessionStreamEndpoint": "/api/upload/sessions/{sessionId}/stream",
         "notificationStreamEndpoint": "/api/upload/sessions/notifications/stream",
+        "multiSessionStreamEndpoint": "/api/upload/sessions/stream",
         "protocol": "SSE",
         "messageTypes": [
             "SESSION_SNAPSHOT",
@@ -34,6 +35,7 @@ def test_info_describes_the_streams(relay: Relay) -> None:
             "SESSION_COMPLETED",
             "STREAM_CLOSED",
             "notification",
+            "SESSION_CLOSED",
         ],
     }
 

@@ -61,6 +61,7 @@ EXAMPLES: Final = int(os.environ.get("RELAY_FUZZ_EXAMPLES", "6"))
 STREAM_READ_SECONDS: Final = 0.5
 SCHEMA_PATH: Final = "/schema/openapi.json"
 SESSION_STREAM: Final = "/api/upload/sessions/{sessionId}/stream"
+MULTI_STREAM: Final = "/api/upload/sessions/stream"
 NOTIFICATION_STREAM: Final = "/api/upload/sessions/notifications/stream"
 #: How a case sends its token (weighted: most cases should get past authentication).
 TOKEN_SOURCES: Final = ("header",) * 3 + ("query",) * 3 + ("cookie",) * 3 + ("none",)
@@ -224,6 +225,10 @@ def test_relay_conforms_to_its_openapi_document(case: AnyCase, world: World) -> 
         # A case generated with an invalid sessionId keeps it: aimed at a seeded session it would
         # turn valid, and its 200 be reported as invalid data accepted (a flaky failure, seen once).
         _aim(case, world, "generated" if negative_path else target)
+    elif case.operation.path == MULTI_STREAM:
+        negative_query = meta is not None and meta.is_negative_at(ParameterLocation.QUERY)
+        if not negative_query:
+            _aim_multi(case, world, target)
     _call_and_validate(case, world, source, token_name)
 
 
@@ -291,6 +296,34 @@ def _aim(case: AnyCase, world: World, target: str) -> None:
         case.query = {**(case.query or {}), "lastEventId": world.completed_newest}
 
 
+def _aim_multi(case: AnyCase, world: World, target: str) -> None:
+    """A valid multi-session stream case (PROTOCOL §5.1): its generated sessions, plus a seeded
+    one unless ``target`` is ``generated``.
+
+    A valid case must ask for something (at least one session or ``notifications=1``), a rule the
+    document cannot express: a generated case without either asks for the notifications. Cases
+    generated as invalid are not aimed at all (re-aimed, they could turn valid).
+    """
+    query = dict(case.query or {})
+    sessions = query.get("session")
+    generated = list(sessions) if isinstance(sessions, list) else []
+    if target == "generated":
+        if not generated and query.get("notifications") != "1":
+            query["notifications"] = "1"
+            case.query = query
+        return
+    seeded = {
+        "own-open": world.open_session,
+        "own-completed": world.completed_session,
+        "own-completed-at-end": world.completed_session,
+        "other-user": world.other_session,
+    }[target]
+    query["session"] = [seeded, *generated[:31]]
+    if target == "own-completed-at-end":
+        query.pop("lastEventId", None)
+    case.query = query
+
+
 #: ``(operation path, target, query, expected status)``: the paths fuzzing reaches only by chance.
 SEEDED_CASES: Final = [
     (SESSION_STREAM, "own-open", {}, 200),
@@ -331,6 +364,7 @@ def test_schema_lists_every_route(relay_schema: OpenApiSchema) -> None:
     assert {
         SESSION_STREAM,
         NOTIFICATION_STREAM,
+        MULTI_STREAM,
         "/api/realtime/info",
         "/health/live",
         "/health/ready",

@@ -216,7 +216,8 @@ async def open_sse(
         hdrs["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
     timeout = httpx.Timeout(connect_timeout, read=None)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout) as client:
-        request = client.build_request("GET", path, params=query, headers=hdrs)
+        # ``params=None`` when empty: an empty mapping would replace the query string of ``path``.
+        request = client.build_request("GET", path, params=query or None, headers=hdrs)
         response = await client.send(request, stream=True)
         stream = SSEStream(response)
         try:

@@ -114,6 +114,7 @@ def create_app(settings: RelayConfig) -> Litestar:
     handlers: list[Any] = [
         streams.notification_stream,
         streams.session_stream,
+        streams.multi_session_stream,
         health.live,
         health.ready,
         health.info,

@@ -38,7 +38,7 @@ PENDING_POLL_SECONDS: Final = 0.25
 #: While Redis is unreachable, a stream retries its log read this often (on heartbeats meanwhile).
 RESYNC_RETRY_SECONDS: Final = 1.0
 
-StreamKind = Literal["session", "notifications"]
+StreamKind = Literal["session", "notifications", "multi"]
 
 _HEADERS: Final = (
     (b"content-type", b"text/event-stream"),
@@ -190,10 +190,13 @@ class EventStream:
         writer.floor = writer.cursor
         return messages
 
+    def _unsubscribe(self) -> None:
+        self.services.hub.unsubscribe(self.writer.channel, self.writer)
+
     def _release(self) -> None:
         """Synchronous on purpose: a cancellation cannot interrupt it half way."""
         services, writer = self.services, self.writer
-        services.hub.unsubscribe(writer.channel, writer)
+        self._unsubscribe()
         services.limits.release(writer.user_id)
         services.registry.remove(writer)
         services.metrics.open_streams.labels(self.kind).dec()

@@ -74,6 +74,7 @@ def info() -> dict[str, Any]:
     return {
         "sessionStreamEndpoint": "/api/upload/sessions/{sessionId}/stream",
         "notificationStreamEndpoint": "/api/upload/sessions/notifications/stream",
+        "multiSessionStreamEndpoint": "/api/upload/sessions/stream",
         "protocol": "SSE",
         "messageTypes": list(MESSAGE_TYPES),
     }

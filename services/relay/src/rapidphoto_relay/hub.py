@@ -23,16 +23,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import RedisError
 
 from rapidphoto_contract.logs import Throttle
 from rapidphoto_relay.metrics import RelayMetrics
-from rapidphoto_relay.payload import InvalidPayload, parse_payload
+from rapidphoto_relay.payload import InvalidPayload, Message, parse_payload
 from rapidphoto_relay.transport import PubSubConnection, PubSubTransport
-from rapidphoto_relay.writer import StreamWriter
 
 log = logging.getLogger("rapidphoto_relay.hub")
 
@@ -47,6 +46,15 @@ DROP_LOG_INTERVAL: Final = 1.0
 _CONNECTION_ERRORS: Final = (RedisError, OSError)
 
 
+class Subscriber(Protocol):
+    """What the hub feeds: a stream's writer, or one lane of a multi-session stream
+    (``multi_writer.Lane``). Both calls must return at once and never raise."""
+
+    def push(self, message: Message) -> None: ...
+
+    def request_resync(self) -> None: ...
+
+
 class HubUnavailable(Exception):
     """The subscription could not be confirmed in time (Redis down or slow)."""
 
@@ -55,7 +63,7 @@ class _Channel:
     __slots__ = ("confirmed", "needs_resync", "subscribers")
 
     def __init__(self, confirmed: asyncio.Future[None]) -> None:
-        self.subscribers: set[StreamWriter] = set()
+        self.subscribers: set[Subscriber] = set()
         self.confirmed = confirmed
         #: Set while the connection is down: the channel's streams resync once it is confirmed again.
         self.needs_resync = False
@@ -117,7 +125,7 @@ class Hub:
 
     # --- subscriptions -------------------------------------------------------------------------
 
-    async def subscribe(self, channel: str, subscriber: StreamWriter, within: float = 5.0) -> None:
+    async def subscribe(self, channel: str, subscriber: Subscriber, within: float = 5.0) -> None:
         """Add ``subscriber`` to ``channel``; return once Redis confirmed the subscription."""
         state = self._channels.get(channel)
         if state is None:
@@ -138,7 +146,7 @@ class Hub:
             self.unsubscribe(channel, subscriber)
             raise HubUnavailable(f"subscription to {channel} not confirmed in {within}s") from None
 
-    def unsubscribe(self, channel: str, subscriber: StreamWriter) -> None:
+    def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
         """Remove ``subscriber``; the last one out unsubscribes the channel.
 
         Synchronous, so a stream's cleanup cannot be interrupted half way by a cancellation; the

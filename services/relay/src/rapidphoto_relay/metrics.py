@@ -130,7 +130,7 @@ class RelayMetrics:
             buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
-        for kind in ("session", "notifications"):
+        for kind in ("session", "notifications", "multi"):
             self.open_streams.labels(kind)
         for reason in ("head-timeout", "pending-limit"):
             self.connections_closed.labels(reason)

@@ -66,6 +66,65 @@ def _entry_messages(entries: Sequence[Any]) -> list[Message]:
     return out
 
 
+def _sync_args(after: StreamId | None) -> list[str | int]:
+    return [
+        "" if after is None else format_stream_id(after),
+        "" if after is None else format_stream_id(successor(after)),
+        SNAPSHOT_FAILURES,
+    ]
+
+
+def _session_sync(
+    session_id: str, after: StreamId | None, reply: Any, *, whole: bool
+) -> SessionSync:
+    """A ``sync_session.lua`` reply, read (see :meth:`LogReader.sync_session`)."""
+    outcome = _text(reply[0])
+    if outcome == "missing":
+        return SessionSync(outcome="missing")
+    owner, status = _text(reply[1]), _text(reply[2])
+    if outcome == "replay":
+        messages = _entry_messages(reply[3])
+        completed = False
+        for index, message in enumerate(messages):
+            if message.terminal:
+                completed = True
+                if not whole:
+                    del messages[index + 1 :]
+                break
+        high = messages[-1].stream_id if messages else after
+        # A failed photo uploaded after completion appends to a completed session's log: the
+        # stream still ends, after those entries.
+        completed = completed or status == STATUS_COMPLETED
+        return SessionSync(
+            outcome="replay", owner=owner, messages=messages, high=high, completed=completed
+        )
+    total, uploaded, failed = int(reply[3]), int(reply[4]), int(reply[5])
+    newest = parse_stream_id(reply[6]) if reply[6] else None
+    flat = [_text(x) for x in reply[7]]
+    snapshot = SessionSnapshot(
+        event_id=None if newest is None else format_stream_id(newest),
+        session_id=session_id,
+        total_photos=total,
+        uploaded_photos=uploaded,
+        failed_photos=failed,
+        progress_percent=progress_percent(uploaded, failed, total),
+        status=status,
+        failures=tuple(
+            Failure(photo_id=flat[i], reason=flat[i + 1]) for i in range(0, len(flat), 2)
+        ),
+    )
+    frame = sse.event(
+        snapshot.to_json(), event_type=SessionSnapshot.TYPE, event_id=snapshot.event_id
+    )
+    return SessionSync(
+        outcome="snapshot",
+        owner=owner,
+        messages=[Message(frame, newest)],
+        high=newest,
+        completed=status == STATUS_COMPLETED,
+    )
+
+
 @attrs.frozen(kw_only=True)
 class SessionProbe:
     """What a session stream request needs before it answers: who owns it, is it done, log end."""
@@ -120,60 +179,53 @@ class LogReader:
         owner = await self._redis.hget(keys.session_state_key(session_id), keys.STATE_OWNER)
         return None if owner is None else _text(owner)
 
-    async def sync_session(self, session_id: str, after: StreamId | None) -> SessionSync:
-        """Entries after ``after`` if the log still covers it, else a snapshot (PROTOCOL §5)."""
-        reply = await self._sync_session(
-            keys=keys.session_keys(session_id),
-            args=[
-                "" if after is None else format_stream_id(after),
-                "" if after is None else format_stream_id(successor(after)),
-                SNAPSHOT_FAILURES,
-            ],
-        )
-        outcome = _text(reply[0])
-        if outcome == "missing":
-            return SessionSync(outcome="missing")
-        owner, status = _text(reply[1]), _text(reply[2])
-        if outcome == "replay":
-            messages = _entry_messages(reply[3])
-            completed = False
-            for index, message in enumerate(messages):
-                if message.terminal:
-                    completed = True
-                    del messages[index + 1 :]
-                    break
-            high = messages[-1].stream_id if messages else after
-            # A failed photo uploaded after completion appends to a completed session's log: the
-            # stream still ends, after those entries.
-            completed = completed or status == STATUS_COMPLETED
-            return SessionSync(
-                outcome="replay", owner=owner, messages=messages, high=high, completed=completed
+    async def probe_sessions(self, session_ids: Sequence[str]) -> list[SessionProbe]:
+        """:meth:`probe_session` for several sessions in one round trip (PROTOCOL §5.1)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for session_id in session_ids:
+                pipe.hmget(
+                    keys.session_state_key(session_id), [keys.STATE_OWNER, keys.STATE_STATUS]
+                )
+                pipe.xrevrange(keys.session_log_key(session_id), "+", "-", count=1)
+            replies = await pipe.execute()
+        return [
+            SessionProbe(
+                owner=None if owner is None else _text(owner),
+                status=None if status is None else _text(status),
+                newest=parse_stream_id(newest[0][0]) if newest else None,
             )
-        total, uploaded, failed = int(reply[3]), int(reply[4]), int(reply[5])
-        newest = parse_stream_id(reply[6]) if reply[6] else None
-        flat = [_text(x) for x in reply[7]]
-        snapshot = SessionSnapshot(
-            event_id=None if newest is None else format_stream_id(newest),
-            session_id=session_id,
-            total_photos=total,
-            uploaded_photos=uploaded,
-            failed_photos=failed,
-            progress_percent=progress_percent(uploaded, failed, total),
-            status=status,
-            failures=tuple(
-                Failure(photo_id=flat[i], reason=flat[i + 1]) for i in range(0, len(flat), 2)
-            ),
-        )
-        frame = sse.event(
-            snapshot.to_json(), event_type=SessionSnapshot.TYPE, event_id=snapshot.event_id
-        )
-        return SessionSync(
-            outcome="snapshot",
-            owner=owner,
-            messages=[Message(frame, newest)],
-            high=newest,
-            completed=status == STATUS_COMPLETED,
-        )
+            for (owner, status), newest in zip(replies[::2], replies[1::2], strict=True)
+        ]
+
+    async def sync_session(
+        self, session_id: str, after: StreamId | None, *, whole: bool = False
+    ) -> SessionSync:
+        """Entries after ``after`` if the log still covers it, else a snapshot (PROTOCOL §5).
+
+        A replay stops at the session's ``SESSION_COMPLETED`` (its stream ends there) unless
+        ``whole``: a multi-session stream delivers what a completed session's log gets later too.
+        """
+        reply = await self._sync_session(keys=keys.session_keys(session_id), args=_sync_args(after))
+        return _session_sync(session_id, after, reply, whole=whole)
+
+    async def sync_sessions(
+        self, requests: Sequence[tuple[str, StreamId | None]]
+    ) -> list[SessionSync]:
+        """:meth:`sync_session` (``whole``) for several sessions in one round trip; each read is
+        atomic on its own, which is all a session's stream needs (PROTOCOL §5.1)."""
+        if len(requests) == 1:
+            session_id, after = requests[0]
+            return [await self.sync_session(session_id, after, whole=True)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for session_id, after in requests:
+                await self._sync_session(
+                    keys=keys.session_keys(session_id), args=_sync_args(after), client=pipe
+                )
+            replies = await pipe.execute()
+        return [
+            _session_sync(session_id, after, reply, whole=True)
+            for (session_id, after), reply in zip(requests, replies, strict=True)
+        ]
 
     async def newest_notification(self, user_id: str) -> StreamId | None:
         newest = await self._redis.xrevrange(

@@ -24,6 +24,7 @@ SESSION_COMPLETED: Final = "SESSION_COMPLETED"
 NOTIFICATION: Final = "notification"
 SESSION_SNAPSHOT: Final = "SESSION_SNAPSHOT"
 STREAM_CLOSED: Final = "STREAM_CLOSED"
+SESSION_CLOSED: Final = "SESSION_CLOSED"
 
 #: Every event type a relay stream can carry, for ``/api/realtime/info`` (PROTOCOL §5).
 MESSAGE_TYPES: Final = (
@@ -34,6 +35,7 @@ MESSAGE_TYPES: Final = (
     SESSION_COMPLETED,
     STREAM_CLOSED,
     NOTIFICATION,
+    SESSION_CLOSED,
 )
 
 Status: TypeAlias = Literal["IN_PROGRESS", "COMPLETED"]
@@ -47,6 +49,9 @@ KIND_UPLOAD_SESSION_COMPLETED: Final = "UPLOAD_SESSION_COMPLETED"
 CloseReason: TypeAlias = Literal[
     "completed", "token-expired", "slow-consumer", "shutdown", "forbidden", "session-not-found"
 ]
+
+#: Why a multi-session stream dropped one of its sessions (``SESSION_CLOSED.reason``, PROTOCOL §5.1).
+SessionCloseReason: TypeAlias = Literal["forbidden", "session-not-found"]
 
 
 class EventDecodeError(ValueError):
@@ -228,6 +233,16 @@ class StreamClosed(_Event):
     reason: str = attrs.field(validator=_str)
 
 
+@attrs.frozen(kw_only=True)
+class SessionClosed(_Event):
+    """A multi-session stream goes on without this session (PROTOCOL §5.1): it never appeared
+    (``session-not-found``) or appeared with another owner (``forbidden``)."""
+
+    TYPE: ClassVar[str] = SESSION_CLOSED
+    session_id: str = attrs.field(validator=_str)
+    reason: str = attrs.field(validator=_str)
+
+
 Event: TypeAlias = (
     SessionStarted
     | PhotoUploaded
@@ -236,6 +251,7 @@ Event: TypeAlias = (
     | Notification
     | SessionSnapshot
     | StreamClosed
+    | SessionClosed
 )
 
 _BY_TYPE: Final[dict[str, type[_Event]]] = {
@@ -248,6 +264,7 @@ _BY_TYPE: Final[dict[str, type[_Event]]] = {
         Notification,
         SessionSnapshot,
         StreamClosed,
+        SessionClosed,
     )
 }
 

@@ -211,6 +211,7 @@ def _relay_fields(e: Mapping[str, str]) -> dict[str, Any]:
         "relay_max_pending_connections": _int(
             e, "RELAY_MAX_PENDING_CONNECTIONS", 5000, 1, 1_000_000
         ),
+        "relay_max_sessions_per_stream": _int(e, "RELAY_MAX_SESSIONS_PER_STREAM", 32, 1, 1000),
         "sse_heartbeat_seconds": _int(e, "SSE_HEARTBEAT_SECONDS", 15, 1, 3600),
         "sse_retry_ms": _int(e, "SSE_RETRY_MS", 2000, 0, 3_600_000),
         "sse_buffer_events": _int(e, "SSE_BUFFER_EVENTS", 1000, 1, 1_000_000),
@@ -301,6 +302,8 @@ class RelayConfig(RedisConfig, JwtConfig, ListenConfig):
     relay_max_connections_per_user: int = 32
     relay_request_head_timeout_seconds: int = 5
     relay_max_pending_connections: int = 5000
+    #: Sessions one multi-session stream may carry (PROTOCOL §5.1).
+    relay_max_sessions_per_stream: int = 32
     sse_heartbeat_seconds: int = 15
     sse_retry_ms: int = 2000
     sse_buffer_events: int = 1000
