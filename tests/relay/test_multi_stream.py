@@ -6,16 +6,20 @@ These read the wire (``tests.support.sse``): the ids of frames are what is under
 
 from __future__ import annotations
 
+import json
+import signal
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+import redis.asyncio as aioredis
 
 from rapidphoto_contract import keys
-from tests.relay.conftest import Relay, RelayFactory
-from tests.support.seed import Seeder
-from tests.support.sse import SSEFrame, SSEStream, open_sse
+from tests.relay.conftest import Relay, RelayFactory, eventually
+from tests.support.redis_server import RedisServer
+from tests.support.seed import Seeder, seeder
+from tests.support.sse import RawStream, SSEFrame, SSEStream, open_sse
 
 Ids = Callable[[str], str]
 MULTI = "/api/upload/sessions/stream"
@@ -354,3 +358,102 @@ async def test_log_order_per_session_under_interleaving(
         assert got == (await log_ids(seed, session))[1:]
     assert frames[-1].json()["type"] == "PHOTO_UPLOADED"
     assert keys.session_channel(a) != keys.session_channel(b)
+
+
+# --- faults and closes: as on any stream -----------------------------------------------------------
+
+
+async def test_dropped_subscription_resumes_every_session_from_the_log(
+    own_redis: RedisServer, relay_factory: RelayFactory, ids: Ids
+) -> None:
+    """The relay's pub/sub link dies while events keep coming: each lane is read again from its
+    own position (the resync race of a single stream, once per lane), nothing lost or doubled."""
+    relay = relay_factory(redis_url=own_redis.url)
+    user = ids("u")
+    sessions = [ids("s") for _ in range(3)]
+    async with seeder(own_redis.url) as seed, aioredis.Redis.from_url(own_redis.url) as admin:
+        for session in sessions:
+            await seed.start(session, user, 200)
+        async with open_sse(relay.base_url, multi(*sessions), token=relay.token(user)) as stream:
+            snapshots = await events_until(stream, 3)
+            sent: dict[str, list[str]] = {s: [] for s in sessions}
+            for round_ in range(2):
+                for session in sessions:
+                    sent[session] += await seed.upload_many(session, 3, prefix=f"r{round_}a")
+                assert await admin.client_kill_filter(_type="pubsub") >= 1
+                for session in sessions:
+                    sent[session] += await seed.upload_many(session, 3, prefix=f"r{round_}b")
+                await eventually(
+                    lambda: relay.get("/health/ready").status_code == 200, 10, what="ready"
+                )
+            frames = await events_until(stream, sum(len(v) for v in sent.values()))
+            await stream.expect_silence(0.5)
+    assert [f.json()["sessionId"] for f in snapshots] == sessions
+    for session in sessions:
+        got = [f.json()["eventId"] for f in frames if f.json()["sessionId"] == session]
+        assert got == sent[session]
+
+
+async def test_token_expiry_closes_the_multi_stream(relay: Relay, seed: Seeder, ids: Ids) -> None:
+    a = ids("a")
+    await seed.start(a, "u1", 2)
+    async with open_sse(
+        relay.base_url, multi(a, notifications="1"), token=relay.token("u1", ttl=2)
+    ) as stream:
+        frames = [f for f in await stream.wait_ended(timeout=10) if f.is_event]
+    assert [f.event for f in frames] == ["SESSION_SNAPSHOT", "STREAM_CLOSED"]
+    assert frames[-1].json() == {"type": "STREAM_CLOSED", "reason": "token-expired"}
+
+
+async def test_sigterm_closes_the_multi_stream_with_shutdown(
+    relay_factory: RelayFactory, seed: Seeder, ids: Ids
+) -> None:
+    relay = relay_factory()
+    a, b = ids("a"), ids("b")
+    await seed.start(a, "u1", 2)
+    await seed.start(b, "u1", 2)
+    async with open_sse(
+        relay.base_url, multi(a, b, notifications="1"), token=relay.token("u1")
+    ) as stream:
+        await events_until(stream, 2)
+        assert relay.proc.proc is not None
+        relay.proc.proc.send_signal(signal.SIGTERM)
+        frames = [f for f in await stream.wait_ended(timeout=5) if f.is_event]
+    assert [f.json() for f in frames] == [{"type": "STREAM_CLOSED", "reason": "shutdown"}]
+
+
+async def test_a_slow_multi_stream_is_closed_as_a_slow_consumer(
+    relay_factory: RelayFactory, seed: Seeder, ids: Ids
+) -> None:
+    relay = relay_factory(SSE_BUFFER_EVENTS="20")
+    a, b = ids("a"), ids("b")
+    await seed.start(a, "u1", 2)
+    await seed.start(b, "u1", 2)
+    token = relay.token("u1")
+    slow = await RawStream.open(
+        "127.0.0.1", relay.port, multi(a, b), {"Authorization": f"Bearer {token}"}, rcvbuf=4096
+    )
+    try:
+        assert await slow.read_head() == 200
+        pad = "x" * 60_000
+        for n in range(150):  # ~9 MB on one session's channel: far more than the socket holds
+            await seed.publish_raw(
+                keys.session_channel(a), json.dumps({"type": "PROGRESS", "n": n, "pad": pad})
+            )
+        await eventually(
+            lambda: relay.metric("rapidphoto_relay_slow_consumer_closes_total") == 1,
+            10,
+            what="closed as a slow consumer",
+        )
+        frames: list[SSEFrame] = []
+        while not any(f.event == "STREAM_CLOSED" for f in frames):
+            batch = await slow.read_frames(10)
+            assert batch, "the stream ended without STREAM_CLOSED"
+            frames.extend(batch)
+    finally:
+        slow.close()
+    events = [f for f in frames if f.is_event]
+    assert events[-1].json() == {"type": "STREAM_CLOSED", "reason": "slow-consumer"}
+    numbers = [e.json()["n"] for e in events if e.event == "PROGRESS"]
+    assert numbers == list(range(len(numbers)))  # a prefix, in order
+    assert len(numbers) < 150
