@@ -20,15 +20,18 @@ from typing import Any, TypeVar, cast
 
 import httpx
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
+from playwright.async_api import Browser, BrowserContext
 
 from rapidphoto_contract import keys
 from rapidphoto_contract.tokens import mint_token
 from rapidphoto_tools.client import UploadJobsClient
 from rapidphoto_tools.realtime import EventStream, OtherEvent, StreamEvent
 from tests.conftest import TEST_SECRET
+from tests.support.browser import launched_chromium
 from tests.support.processes import ManagedProcess, start_relay, start_worker, wait_until
-from tests.support.redis_server import free_port
+from tests.support.redis_server import free_port, private_redis
 from tests.support.sse import SSEFrame
 
 T = TypeVar("T")
@@ -188,6 +191,65 @@ def cluster_factory(log_dir: Path) -> Iterator[Callable[[str], Cluster]]:
     yield make
     for cluster in clusters:
         cluster.stop()
+
+
+# --- one stack and one browser per test module (the browser tests) ----------------------------
+# A module marked ``pytest.mark.asyncio(loop_scope="module")`` shares one event loop, so a browser
+# (and the Redis clients of each test) can outlive one test. Each test still gets a fresh browser
+# context and makes fresh users and sessions: the tests stay independent.
+
+
+@pytest.fixture(scope="module")
+def module_redis_url() -> Iterator[str]:
+    with private_redis() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_cluster_factory(
+    tmp_path_factory: pytest.TempPathFactory, module_redis_url: str
+) -> Iterator[Callable[[], Cluster]]:
+    clusters: list[Cluster] = []
+
+    def make() -> Cluster:
+        cluster = Cluster(module_redis_url, tmp_path_factory.mktemp("logs"))
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chromium_browser() -> AsyncIterator[Browser]:
+    async with launched_chromium() as browser:
+        yield browser
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def browser(chromium_browser: Browser) -> AsyncIterator[BrowserContext]:
+    """A fresh context of the module's browser: no cookies, no cache, no open page."""
+    context = await chromium_browser.new_context(viewport={"width": 1000, "height": 900})
+    try:
+        yield context
+    finally:
+        await context.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def module_jobs(module_redis_url: str) -> AsyncIterator[UploadJobsClient]:
+    async with UploadJobsClient.connect(module_redis_url) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def module_truth(module_redis_url: str) -> AsyncIterator[Truth]:
+    client = aioredis.Redis.from_url(module_redis_url, decode_responses=True)
+    try:
+        yield Truth(client)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
@@ -78,6 +79,55 @@ def load_demo_page() -> bytes:
     return resources.files("rapidphoto_relay").joinpath(DEMO_PAGE_RESOURCE).read_bytes()
 
 
+#: The browser module (PROTOCOL §5 "Writing a client"), shipped inside the package and served by
+#: every relay, so a page imports the client that matches the relay it talks to.
+CLIENT_MODULE_RESOURCE = "static/rapidphoto-realtime.js"
+CLIENT_MODULE_PATH = "/client/rapidphoto-realtime.js"
+
+
+class ClientModule:
+    """The module's bytes and validator, read once at start-up (a missing file fails the start).
+
+    Served ``Cache-Control: no-cache`` with an ``ETag``: browsers keep it but revalidate each use
+    (a 304 without body), so a page never runs a module older than the relay it talks to after an
+    upgrade. ``Access-Control-Allow-Origin: *``: it is public code, and a page on another origin
+    imports it as a module script, which browsers fetch in CORS mode without credentials.
+    """
+
+    def __init__(self) -> None:
+        self.body = (
+            resources.files("rapidphoto_relay").joinpath(CLIENT_MODULE_RESOURCE).read_bytes()
+        )
+        self.etag = '"' + hashlib.sha256(self.body).hexdigest()[:32] + '"'
+        self.headers = {
+            "Cache-Control": "no-cache",
+            "ETag": self.etag,
+            "X-Content-Type-Options": "nosniff",
+            "Access-Control-Allow-Origin": "*",
+            "Cross-Origin-Resource-Policy": "cross-origin",
+        }
+
+    def matches(self, if_none_match: str | None) -> bool:
+        """RFC 9110 §13.1.2: weak comparison against each listed tag, or ``*``."""
+        if not if_none_match:
+            return False
+        tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+        return "*" in tags or self.etag in tags
+
+
+@get(
+    CLIENT_MODULE_PATH,
+    summary="The browser client (an ES module)",
+    tags=["client"],
+    media_type="text/javascript",
+)
+async def client_module(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
+    module: ClientModule = state["client_module"]
+    if module.matches(request.headers.get("if-none-match")):
+        return Response(b"", status_code=304, headers=module.headers)
+    return Response(module.body, media_type="text/javascript", headers=module.headers)
+
+
 @get("/demo", summary="Live progress page (RELAY_DEMO=1)", tags=["demo"], media_type=MediaType.HTML)
 async def demo(state: State) -> Response[bytes]:
     page: bytes = state["demo_page"]
@@ -119,8 +169,16 @@ def create_app(settings: RelayConfig) -> Litestar:
         health.ready,
         health.info,
         metrics_endpoint,
+        client_module,
     ]
-    state = State({"authenticator": authenticator, "metrics": metrics, "settings": settings})
+    state = State(
+        {
+            "authenticator": authenticator,
+            "metrics": metrics,
+            "settings": settings,
+            "client_module": ClientModule(),
+        }
+    )
     if settings.relay_demo:
         # Read once at start-up: a missing page fails the start, not the first request.
         state["demo_page"] = load_demo_page()
