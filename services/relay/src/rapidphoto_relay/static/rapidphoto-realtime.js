@@ -126,7 +126,8 @@ export class SSEParser {
  */
 export class EventStreamClient extends EventTarget {
   /**
-   * @param {string | (() => string)} url the stream's URL (a function: asked before each connection)
+   * @param {string | (() => string | null)} url the stream's URL (a function: asked before each
+   *   connection; null when there is nothing left to ask for, which ends the stream as completed)
    * @param {StreamOptions} [options]
    */
   constructor(url, options = {}) {
@@ -186,6 +187,7 @@ export class EventStreamClient extends EventTarget {
       if (token) headers.Authorization = `Bearer ${token}`;
       if (this.lastEventId) headers["Last-Event-ID"] = this.lastEventId;
       const url = typeof this.url === "function" ? this.url() : this.url;
+      if (url === null) return this.stop("closed", "completed");
       response = await fetch(url, {
         headers,
         credentials: this.options.credentials || "same-origin",
@@ -342,9 +344,15 @@ export class UploadProgressStream extends EventStreamClient {
    */
   constructor(options = {}) {
     const ids = [...new Set(options.sessions || [])];
-    const query = new URLSearchParams(ids.map((id) => ["session", id]));
-    if (options.notifications) query.append("notifications", "1");
-    super(`${options.baseUrl || ""}${MULTI_SESSION_STREAM_PATH}?${query}`, options);
+    // Each connection asks for the sessions the relay has not closed: one closed as `forbidden`
+    // belongs to someone else, and asking for it again would get 403 for the whole stream.
+    super(() => {
+      const open = [...this.sessions.values()].filter((s) => s.closed === null);
+      if (open.length === 0 && !options.notifications) return null; // nothing left to watch
+      const query = new URLSearchParams(open.map((s) => ["session", s.sessionId]));
+      if (options.notifications) query.append("notifications", "1");
+      return `${options.baseUrl || ""}${MULTI_SESSION_STREAM_PATH}?${query}`;
+    }, options);
     /** @type {Map<string, SessionState>} every session asked for, in the order asked */
     this.sessions = new Map(ids.map((id) => [id, newSession(id)]));
     this.maxFailures = options.maxFailures ?? 100;
