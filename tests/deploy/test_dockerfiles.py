@@ -254,6 +254,7 @@ def test_built_environment_holds_this_deployable_only(built: dict[str, Path], pa
     if package == "rapidphoto-relay":
         assert (site / module / "lua" / "sync_session.lua").is_file()
         assert (site / module / "static" / "demo.html").is_file()
+        assert (site / module / "static" / "rapidphoto-realtime.js").is_file()
     for pth in site.glob("*.pth"):
         assert "/src" not in pth.read_text(), f"{pth.name} points at a source tree"
     assert (venv / "bin" / package).is_file()
