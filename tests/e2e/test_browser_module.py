@@ -382,3 +382,30 @@ async def test_resumes_with_its_cursor_and_a_session_closed_alone(
     # The closed session stayed closed across the reconnection.
     assert all(p["sessionId"] == session for p in await page.log("run", "progress"))
     assert page.errors == []
+
+
+async def test_a_silent_stream_counts_as_dead_and_is_resumed(
+    stack: Cluster, module_jobs: UploadJobsClient, module_truth: Truth, browser: BrowserContext
+) -> None:
+    """No byte for ``idleTimeoutMs`` (here 1 s, under the relay's 15 s heartbeat: as if the
+    connection had died silently): the module drops the connection and resumes with its cursor."""
+    user, session = fresh("u"), fresh("quiet")
+    await module_jobs.start_upload_session(session, user, total_photos=2)
+    await module_truth.wait_status(session, "IN_PROGRESS")
+    page = await ModulePage.open(browser, stack.relays[0])
+    await page.watch("quiet", sessions=[session], token=stack.token(user), idleTimeoutMs=1000)
+    await page.wait(
+        "a reconnection for silence",
+        """() => window.runs.quiet.some((e) => e.on === "connection" && e.reason === "no heartbeat")""",
+    )
+    await page.wait_count("quiet", "connection", 4)  # connecting, open, reconnecting, ...
+    await module_jobs.complete_photo_upload(session, "a")
+    await module_jobs.complete_photo_upload(session, "b")
+    closed = await page.wait_state("quiet", "closed", within=20)
+    assert closed["reason"] == "completed"
+    progress = await page.log("quiet", "progress")
+    assert [p["eventId"] for p in progress] == [e.id for e in await module_truth.log(session)]
+    requests = [r for _, r in page.requests_of(session)]
+    assert len(requests) >= 2
+    assert all(r.headers.get("last-event-id") for r in requests[1:])
+    assert page.errors == []

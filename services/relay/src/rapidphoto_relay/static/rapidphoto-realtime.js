@@ -145,6 +145,7 @@ export class EventStreamClient extends EventTarget {
     this.abort = null;
     this.timer = null;
     this.idle = null;
+    this.idleExpired = false;
   }
 
   /** Open the stream (again, after a final stop: e.g. once a renewed token is in place). */
@@ -253,8 +254,11 @@ export class EventStreamClient extends EventTarget {
       // was received; the relay's log fills the gap.
       return this.retry(closeReason, 0);
     }
-    if (abort.signal.aborted && !this.idleExpired) return; // close() or a new connection
-    this.idleExpired = false;
+    if (this.idleExpired) {
+      this.idleExpired = false;
+      return this.retry("no heartbeat", 0);
+    }
+    if (abort.signal.aborted) return; // close()
     return this.retry("connection lost", 0);
   }
 
