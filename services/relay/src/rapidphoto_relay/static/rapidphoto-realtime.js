@@ -282,7 +282,8 @@ export class EventStreamClient extends EventTarget {
     if (retryAfterMs > 0) {
       delay = retryAfterMs;
     } else if (this.failures > 1) {
-      const backoff = Math.min(maxBackoff, this.retryMs * this.failures);
+      // (at least 0.5 s a step: `retry: 0` must not turn a dead relay into a tight loop)
+      const backoff = Math.min(maxBackoff, Math.max(this.retryMs, 500) * this.failures);
       delay = Math.max(this.retryMs, backoff * (0.5 + Math.random() / 2));
     }
     this.setConnection("reconnecting", reason, { status, retryInMs: Math.round(delay), message });
