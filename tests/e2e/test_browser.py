@@ -11,7 +11,6 @@ Redis. One browser and one stack serve the whole module (tests/support/browser.p
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -224,14 +223,14 @@ async def test_eight_sessions_live_at_once_over_http1_and_resumed_after_the_rela
 ) -> None:
     """Eight sessions on one page over HTTP/1.1 (six connections per host at most): one stream
     carries them all and the notifications, every box live at once with exact counts. Mid-run the
-    relay is SIGKILLed and restarted, then SIGTERMed (STREAM_CLOSED shutdown) and restarted: the
-    page resumes with its cursor and ends with exactly the log of every session, nothing lost or
-    applied twice, and every completion's notification once."""
+    relay is SIGKILLed and restarted: the page resumes with its cursor and ends with exactly the
+    log of every session, nothing lost or applied twice, and every completion's notification once.
+    (STREAM_CLOSED shutdown, after SIGTERM, is resumed in test_browser_module.py.)"""
     jobs, truth = module_jobs, module_truth
     relay = stack.relays[0]
     user = fresh("u")
     sessions = [fresh(f"batch{n}") for n in range(8)]
-    total = 60
+    total = 40
     for session in sessions:
         await jobs.start_upload_session(session, user, total_photos=total)
     for session in sessions:
@@ -257,7 +256,7 @@ async def test_eight_sessions_live_at_once_over_http1_and_resumed_after_the_rela
             await jobs.complete_photo_upload(session, f"p{done}")
         await demo.wait_all(sessions, uploaded=str(done), failed="0", total=str(total))
 
-    # 2. Photos keep coming on all eight while the relay dies twice under the page.
+    # 2. Photos keep coming on all eight while the relay dies under the page.
     async with running(
         asyncio.gather(*(drive(jobs, s, total - 3, every=0.1) for s in sessions))
     ) as driving:
@@ -267,9 +266,6 @@ async def test_eight_sessions_live_at_once_over_http1_and_resumed_after_the_rela
         back_at = time.monotonic()
         await demo.wait_session(sessions[0], connection="open", within=20)
         reconnected = time.monotonic() - back_at
-        relay.proc.signal(signal.SIGTERM)
-        await asyncio.to_thread(relay.proc.wait, 10)
-        relay = await asyncio.to_thread(stack.restart_relay, relay)
         failed_per_session = await asyncio.wait_for(driving, 90)
 
     ledger: dict[str, list[dict[str, Any]]] = {}
@@ -292,7 +288,7 @@ async def test_eight_sessions_live_at_once_over_http1_and_resumed_after_the_rela
         received = await demo.received(session)
         ids = [e["id"] for e in received if e["type"] != "SESSION_SNAPSHOT"]
         assert len(ids) == len(set(ids)) == len(log) - 1, f"{session}: the relay sent one twice"
-        # One snapshot only (the first connection): both resumptions went by the cursor.
+        # One snapshot only (the first connection): the resumption went by the cursor.
         assert [e["type"] for e in received].count("SESSION_SNAPSHOT") == 1
         ledger = await demo.ledger()
         states = [s["state"] for s in ledger["states"] if s["stream"] == session]
@@ -307,16 +303,15 @@ async def test_eight_sessions_live_at_once_over_http1_and_resumed_after_the_rela
     assert sorted(await demo.notifications()) == sorted(
         ("UPLOAD_SESSION_COMPLETED", s) for s in sessions
     )
-    # SIGKILL closes nothing (the connection just drops); SIGTERM says shutdown. With the
-    # notifications on it, the stream never closes as completed.
-    closes = [e["data"]["reason"] for e in ledger["received"] if e["type"] == "STREAM_CLOSED"]
-    assert closes == ["shutdown"]
+    # SIGKILL closes nothing (the connection just drops), and with the notifications on it the
+    # stream never closes as completed.
+    assert [e for e in ledger["received"] if e["type"] == "STREAM_CLOSED"] == []
     assert ledger["duplicates"] == []
     # The token went in a header, never in the stream's URL; every attempt after the first
     # resumed from a cursor the page had received.
     requests = demo.requests
     cursors = {e["cursor"] for e in ledger["received"] if e["cursor"]}
-    assert len(requests) >= 3
+    assert len(requests) >= 2
     assert all("access_token" not in r.url for r in requests)
     assert all(r.headers.get("authorization", "").startswith("Bearer ") for r in requests)
     assert "last-event-id" not in requests[0].headers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -331,10 +332,11 @@ async def test_resumes_with_its_cursor_and_a_session_closed_alone(
     stack: Cluster, module_jobs: UploadJobsClient, module_truth: Truth, browser: BrowserContext
 ) -> None:
     """One stream for two sessions: the second appears with another owner (SESSION_CLOSED
-    forbidden), the first goes on. Photos keep coming while the relay is SIGKILLed and restarted:
-    the module waits the stream's `retry:`, resumes with the cursor of the last frame it
-    received, and applies exactly the log, once; when the first session completes, every session
-    is completed or closed and the stream closes as completed."""
+    forbidden), the first goes on. Photos keep coming while the relay is SIGTERMed (STREAM_CLOSED
+    shutdown) and restarted: the module waits the stream's `retry:`, resumes with the cursor of
+    the last frame it received, and applies exactly the log, once; when the first session
+    completes, every session is completed or closed and the stream closes as completed.
+    (A relay SIGKILLed under the page is in test_browser.py.)"""
     jobs, truth = module_jobs, module_truth
     user, other = fresh("u"), fresh("other")
     session, squatted = fresh("s"), fresh("squatted")
@@ -352,15 +354,20 @@ async def test_resumes_with_its_cursor_and_a_session_closed_alone(
 
     async with running(drive(jobs, session, total, every=0.08)) as driving:
         await page.wait_count("run", "progress", 8)
-        relay.proc.kill()
+        relay.proc.signal(signal.SIGTERM)
+        await asyncio.to_thread(relay.proc.wait, 10)
         relay = await asyncio.to_thread(stack.restart_relay, relay)
         failed = await asyncio.wait_for(driving, 60)
     closed = await page.wait_state("run", "closed", within=30)
     assert closed["reason"] == "completed"
 
-    lost = [e for e in await page.log("run", "connection") if e["reason"] == "connection lost"]
-    assert lost
-    assert lost[0]["retryInMs"] == RETRY_MS  # the relay's `retry:`, not the module's default
+    shutdown = [e for e in await page.log("run", "connection") if e["reason"] == "shutdown"]
+    assert len(shutdown) == 1
+    assert shutdown[0]["retryInMs"] == RETRY_MS  # the relay's `retry:`, not the module's default
+    closes = [
+        f["json"]["reason"] for f in await page.log("run", "frame") if f["type"] == "STREAM_CLOSED"
+    ]
+    assert closes == ["shutdown", "completed"]
     log = await truth.log(session)
     progress = [p for p in await page.log("run", "progress") if p["sessionId"] == session]
     assert [p["eventId"] for p in progress] == [e.id for e in log]  # nothing lost, none twice
