@@ -17,6 +17,7 @@ from rapidphoto_relay.limits import ConnectionLimits
 from rapidphoto_relay.metrics import RelayMetrics
 from rapidphoto_relay.registry import StreamRegistry
 from rapidphoto_relay.replay import LogReader
+from rapidphoto_relay.round_trips import SharedRoundTrips
 from rapidphoto_relay.transport import RedisTransport
 
 #: Commands (log reads, snapshots) share a bounded pool: a burst of 1,000 connecting clients waits
@@ -51,7 +52,8 @@ async def open_services(
         # a stream opened just after a Redis restart gets 200, not 503 (redis_options).
         **pool_options(),
     )
-    redis = aioredis.Redis(connection_pool=cancel_safe(pool))
+    # Reads issued in the same instant (a burst of stream opens) share one pipeline.
+    redis = SharedRoundTrips(connection_pool=cancel_safe(pool))
     transport = RedisTransport(settings.redis_url)
     try:
         async with (
