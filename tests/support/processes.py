@@ -120,5 +120,9 @@ def start_relay(
             return False
 
     # A ceiling, not a delay: on a busy 2-core machine a relay (or its processes) can take long.
-    wait_until(up, timeout=60, what=f"{name} on port {port}")
+    try:
+        wait_until(up, timeout=60, what=f"{name} on port {port}")
+    except BaseException:
+        proc.stop()  # not handed to the caller: nobody else would stop it
+        raise
     return proc
