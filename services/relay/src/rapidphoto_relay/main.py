@@ -38,6 +38,7 @@ from rapidphoto_relay.connections import (
     raise_open_files_limit,
 )
 from rapidphoto_relay.direct import ServerSendCapture
+from rapidphoto_relay.fast_path import StreamFastPath
 from rapidphoto_relay.headers import HeaderSizeLimit
 from rapidphoto_relay.logs import lean_records, logging_config
 from rapidphoto_relay.services import RelayServices
@@ -87,8 +88,9 @@ def asgi_app(settings: RelayConfig) -> ASGIApp:
 
 def _outer_layers(app: Litestar) -> ASGIApp:
     # Outermost, so the streams can find uvicorn's connection for direct writes (direct.py);
-    # then the header size limit, before routing and authentication (headers.py).
-    return ServerSendCapture(HeaderSizeLimit(app))
+    # then the header size limit, before routing and authentication (headers.py); then the
+    # stream routes' direct path, which leaves everything else to Litestar (fast_path.py).
+    return ServerSendCapture(HeaderSizeLimit(StreamFastPath(app)))
 
 
 def http_protocol(
