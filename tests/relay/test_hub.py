@@ -134,6 +134,22 @@ async def test_one_subscription_per_channel_and_one_frame_for_all_subscribers() 
     await hub.__aexit__()
 
 
+async def test_channels_subscribed_together_share_one_subscribe() -> None:
+    """A burst of streams opening at once (a reconnection storm) costs one SUBSCRIBE, not one each;
+    a channel left before the batch went out is not subscribed at all."""
+    server = FakeServer()
+    hub = await _hub(server)
+    subs = [_sub(f"upload-session:s{n}") for n in range(3)]
+    gone = _sub("upload-session:gone")
+    pending = [asyncio.ensure_future(hub.subscribe(s.channel, s)) for s in [*subs, gone]]
+    await asyncio.sleep(0)  # every subscribe has registered its channel
+    hub.unsubscribe(gone.channel, gone)
+    await asyncio.wait_for(asyncio.gather(*pending[:3]), 2)
+    assert server.conn.sent == [("SUBSCRIBE", *(s.channel for s in subs))]
+    pending[3].cancel()
+    await hub.__aexit__()
+
+
 async def test_subscribe_returns_only_after_redis_confirms() -> None:
     server = FakeServer()
     hub = await _hub(server)
