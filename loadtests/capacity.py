@@ -61,8 +61,15 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the repository's packages importable
     sys.path.insert(0, str(ROOT))
 
-from loadtests.bench import nchan, procfs  # noqa: E402
-from loadtests.bench.client import Run, Stream, drain, open_streams, watch_loop_lag  # noqa: E402
+from loadtests.bench import nchan, procfs, sessions  # noqa: E402
+from loadtests.bench.client import (  # noqa: E402
+    EVENT_ID,
+    Run,
+    Stream,
+    drain,
+    open_streams,
+    watch_loop_lag,
+)
 from loadtests.bench.notify_publisher import publish  # noqa: E402
 from loadtests.bench.report import Result, flags, percentile, table, write_results  # noqa: E402
 from loadtests.bench.storm import (  # noqa: E402
@@ -94,6 +101,9 @@ class Scenario:
     us_per_delivery: float | None = None
     kib_per_stream: float | None = None
     storm: int = 0  # streams opened at once while the scenario's streams receive events
+    #: "notifications": one user per channel; "single"/"multi": seeded sessions, ``channels`` of
+    #: them, one session stream each or one multi-session stream per 8 (``bench/sessions.py``).
+    kind: str = "notifications"
 
 
 SCENARIOS: Final = {
@@ -108,6 +118,10 @@ SCENARIOS: Final = {
         Scenario("STORM", 1000, 1000, 100.0, p99_ms=50.0, storm=10_000),
         Scenario("STORM-SESSION", 1000, 1000, 100.0, p99_ms=50.0, storm=10_000),
         Scenario("STORM-RESUME", 1000, 1000, 100.0, p99_ms=50.0, storm=10_000),
+        # The same 8,000 sessions and events: 1,000 multi-session streams of 8, or 8,000 single
+        # session streams (bench/sessions.py); MULTI8 must not cost more per delivery.
+        Scenario("MULTI8", 1000, 8000, 100.0, p99_ms=5.0, kind="multi"),
+        Scenario("SINGLE8", 8000, 8000, 100.0, p99_ms=5.0, kind="single"),
     )
 }
 
@@ -150,6 +164,10 @@ async def run_scenario(
     workers: int = 1,
 ) -> Result:
     result = Result(scenario.name, target, scenario.streams, scenario.channels, scenario.rate)
+    on_sessions = scenario.kind != "notifications"
+    if on_sessions:
+        result.sessions = scenario.channels
+        await sessions.ensure_seeded(redis_url, scenario.channels)
     result.load_before = procfs.loadavg()
     procfs.raise_fd_limit(scenario.streams + scenario.storm)
     capacity = max(1, int(scenario.rate * duration * 1.2) + scenario.channels)
@@ -191,13 +209,18 @@ async def run_scenario(
         await asyncio.sleep(1.0)
         result.rss_before_kib = procfs.tree_rss_kib(server.pid)
         proxy_before = 0 if proxy is None else procfs.tree_rss_kib(proxy.pid)
-        run = Run(scenario.channels, sent, open_mark)
+        run = Run(scenario.channels, sent, open_mark, sessions.MARKER if on_sessions else EVENT_ID)
         started = time.monotonic()
         connect_cpu0 = procfs.tree_cpu(procfs.process_tree(server.pid))
         try:
-            opened = await open_streams(
-                port, run, scenario.streams, scenario.channels, 500, user_header
-            )
+            if on_sessions:
+                opened = await sessions.open_session_streams(
+                    scenario.kind, port, run, scenario.streams, scenario.channels
+                )
+            else:
+                opened = await open_streams(
+                    port, run, scenario.streams, scenario.channels, 500, user_header
+                )
         finally:
             result.connected = sum(1 for s, _ in opened if s.opened.done() and not s.closed)
         result.connect_s = time.monotonic() - started
@@ -209,6 +232,8 @@ async def run_scenario(
         if proxy is not None:
             proxy_after = procfs.tree_rss_kib(proxy.pid)
             result.proxy_kib_per_stream = (proxy_after - proxy_before) / scenario.streams
+        if on_sessions:  # what the open streams cost doing nothing: the rest is the deliveries'
+            result.idle_cpu_share = await sessions.idle_cpu_share(server.pid, 3.0)
         spy = await start_profiler(profile, scenario.name, target, server.pid)
         lags = array("d")
         lag_watch = asyncio.create_task(watch_loop_lag(lags))
@@ -221,7 +246,13 @@ async def run_scenario(
                 )
             else:
                 report = await publish(
-                    redis_url, scenario.channels, scenario.rate, duration, sent_file, nchan_port
+                    redis_url,
+                    scenario.channels,
+                    scenario.rate,
+                    duration,
+                    sent_file,
+                    nchan_port,
+                    sessions=on_sessions,
                 )
             result.published = report["published"]
             result.publish_s = report["seconds"]
@@ -247,6 +278,9 @@ async def run_scenario(
             window = max(result.publish_s, run.last_arrival - publish_started)
             result.deliveries_per_s = run.delivered / window
             result.us_per_delivery = result.server_cpu_s / max(1, run.delivered) * 1e6
+            if on_sessions:
+                net = result.server_cpu_s - result.idle_cpu_share * result.seconds
+                result.net_us_per_delivery = net / max(1, run.delivered) * 1e6
             ordered = sorted(run.latencies)
             result.p50_ms = percentile(ordered, 0.50) * 1000
             result.p99_ms = percentile(ordered, 0.99) * 1000
@@ -361,7 +395,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
         os.sched_setaffinity(0, {0})  # the server's core is the server's
     logs = Path(tempfile.mkdtemp(prefix="capacity-"))
     names = (
-        [n for n in SCENARIOS if not SCENARIOS[n].storm]
+        [n for n in SCENARIOS if not SCENARIOS[n].storm and SCENARIOS[n].kind == "notifications"]
         if args.scenario == ["all"]
         else args.scenario
     )
@@ -379,9 +413,11 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                     scenario.us_per_delivery,
                     scenario.kib_per_stream,
                     args.storm or scenario.storm if scenario.storm else 0,
+                    scenario.kind,
                 )
             for target in args.target:
-                if scenario.storm and STORMS[name].kind != "notifications" and target != "relay":
+                storm_sessions = scenario.storm and STORMS[name].kind != "notifications"
+                if (storm_sessions or scenario.kind != "notifications") and target != "relay":
                     print(f"-- {name}: not on {target} (it has no session streams)", flush=True)
                     continue
                 print(f"-- {name} on {target} (load {procfs.loadavg()})", flush=True)
@@ -401,6 +437,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                     result.target = args.label
                 results.append(result)
                 print(table([result]).splitlines()[-1], flush=True)
+    sessions.compare(results)
     print(f"\n(server logs in {logs})\n")
     return results
 

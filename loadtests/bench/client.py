@@ -25,9 +25,16 @@ class Run:
     """What every stream of one run shares: send times, latencies, counters."""
 
     def __init__(
-        self, channels: int, sent: memoryview[float], open_mark: bytes = b"retry:"
+        self,
+        channels: int,
+        sent: memoryview[float],
+        open_mark: bytes = b"retry:",
+        marker: bytes = EVENT_ID,
     ) -> None:
         self.channels = channels
+        #: What starts the id of a counted payload (``bench/sessions.py``: published events only,
+        #: not the snapshots, whose payloads carry an ``eventId`` too).
+        self.marker = marker
         #: What says a stream is open once its head arrived (b"": the head itself, for a server
         #: that sends no ``retry:`` frame, nchan).
         self.open_mark = open_mark
@@ -92,11 +99,12 @@ class Stream(asyncio.Protocol):
             self.tail = buf
             return
         self.tail = buf[end + 2 :]
-        count = buf.count(EVENT_ID, 0, end)
+        marker = self.run.marker
+        count = buf.count(marker, 0, end)
         if not count:
             return  # heartbeats, the retry frame
         now = time.monotonic()
-        start = buf.rfind(EVENT_ID, 0, end)
+        start = buf.rfind(marker, 0, end) + len(marker)
         dash = buf.index(b"-", start)
         last = int(buf[dash + 1 : buf.index(b'"', dash)])
         first = last - count + 1
@@ -121,6 +129,14 @@ class Stream(asyncio.Protocol):
         self.closed = True
         if not self.opened.done():
             self.opened.set_result(0)
+
+    def owed(self, per_channel: list[int]) -> int:
+        """Deliveries this stream is owed when ``per_channel[c]`` events went to channel c."""
+        return per_channel[self.channel]
+
+    def missing(self, per_channel: list[int]) -> int:
+        """Of those, what never arrived (at the end of the stream)."""
+        return max(0, per_channel[self.channel] - self.expected)
 
 
 async def open_streams(
@@ -172,7 +188,7 @@ async def drain(run: Run, opened: list[tuple[Stream, asyncio.Transport]], publis
     (bounded either way), then count what never arrived at the end of each stream as lost.
     Returns the number of deliveries expected."""
     per_channel = [len(range(c, published, run.channels)) for c in range(run.channels)]
-    expected = sum(per_channel[s.channel] for s, _ in opened)
+    expected = sum(s.owed(per_channel) for s, _ in opened)
     last, quiet_since = -1, time.monotonic()
     while run.delivered + run.lost < expected:
         await asyncio.sleep(0.05)
@@ -181,5 +197,5 @@ async def drain(run: Run, opened: list[tuple[Stream, asyncio.Transport]], publis
         elif time.monotonic() - quiet_since > 3.0:
             break
     for stream, _ in opened:
-        run.lost += max(0, per_channel[stream.channel] - stream.expected)
+        run.lost += stream.missing(per_channel)
     return expected

@@ -36,9 +36,11 @@ async def publish(
     duration: float,
     sent_file: Path,
     nchan_port: int | None = None,
+    sessions: bool = False,
 ) -> dict[str, Any]:
     """Run the publisher on CPU 0 until it is done: its report (published, started, seconds,
-    late_ticks). ``nchan_port``: publish through nchan's HTTP publisher there instead."""
+    late_ticks). ``nchan_port``: publish through nchan's HTTP publisher there instead;
+    ``sessions``: worker events on the session channels of ``bench/sessions.py`` instead."""
     publisher = await asyncio.create_subprocess_exec(
         *pinned(0),
         sys.executable,
@@ -55,6 +57,7 @@ async def publish(
         "--sent",
         str(sent_file),
         *([] if nchan_port is None else ["--nchan-port", str(nchan_port)]),
+        *(["--sessions"] if sessions else []),
         stdout=asyncio.subprocess.PIPE,
         cwd=ROOT,
     )
@@ -96,12 +99,48 @@ class NchanPublisher:
         self.sock.close()
 
 
+def notification_payload(channel: int, seq: int, base_ms: int, occurred: str) -> str:
+    """A contract ``notification`` to user ``channel``, its ``eventId`` carrying ``seq``."""
+    from rapidphoto_contract.events import Notification
+
+    return Notification(
+        event_id=f"1-{seq}",
+        occurred_at=occurred,
+        kind="CAPACITY",
+        user_id=user_of(channel),
+        session_id="capacity",
+        total_photos=1,
+        uploaded_photos=1,
+        failed_photos=0,
+    ).to_json()
+
+
+def session_payload(channel: int, seq: int, base_ms: int, occurred: str) -> str:
+    """A ``PHOTO_UPLOADED`` of session ``mb-s<channel>`` as the worker publishes it, with the log
+    id ``<base_ms>-<seq>`` (``bench/sessions.py``'s clients count these by ``sessions.MARKER``)."""
+    from loadtests.bench.sessions import TOTAL_PHOTOS, session_of
+
+    from rapidphoto_contract.events import STATUS_IN_PROGRESS, PhotoUploaded
+
+    return PhotoUploaded(
+        event_id=f"{base_ms}-{seq}",
+        occurred_at=occurred,
+        session_id=session_of(channel),
+        photo_id=f"p{seq}",
+        total_photos=TOTAL_PHOTOS,
+        uploaded_photos=seq + 1,
+        failed_photos=0,
+        progress_percent=0,
+        status=STATUS_IN_PROGRESS,
+    ).to_json()
+
+
 def main(argv: Sequence[str]) -> None:
     # Imported here: the client process imports this module for ``publish`` only.
     import redis
+    from loadtests.bench.sessions import session_of
 
-    from rapidphoto_contract.events import Notification
-    from rapidphoto_contract.keys import notification_channel
+    from rapidphoto_contract.keys import notification_channel, session_channel
 
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     parser.add_argument("--redis-url", required=True)
@@ -110,9 +149,22 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--sent", type=Path, required=True, help="mmap'ed file of send times")
     parser.add_argument("--nchan-port", type=int, help="POST to nchan on 127.0.0.1 instead")
+    parser.add_argument(
+        "--sessions",
+        action="store_true",
+        help="PHOTO_UPLOADED on the channels of sessions mb-s<n> (bench/sessions.py)",
+    )
     args = parser.parse_args(argv)
     channels = args.channels
-    names = [notification_channel(user_of(c)) for c in range(channels)]
+    if args.sessions:
+        names = [session_channel(session_of(c)) for c in range(channels)]
+        payload_of = session_payload
+    else:
+        names = [notification_channel(user_of(c)) for c in range(channels)]
+        payload_of = notification_payload
+    # Log ids "<ms>-<seq>" newer than any log entry seeded before the run: the relays take them
+    # for log entries (a multi stream moves its cursor on each); seq counts per channel from 0.
+    base_ms = int(time.time() * 1000)
     with args.sent.open("r+b") as file:
         mapped = mmap.mmap(file.fileno(), 0)
     sent = memoryview(mapped).cast("d")
@@ -134,16 +186,7 @@ def main(argv: Sequence[str]) -> None:
             payloads: list[tuple[str, str]] = []
             for g in range(published, published + count):
                 channel = g % channels
-                payload = Notification(
-                    event_id=f"1-{g // channels}",
-                    occurred_at=occurred,
-                    kind="CAPACITY",
-                    user_id=user_of(channel),
-                    session_id="capacity",
-                    total_photos=1,
-                    uploaded_photos=1,
-                    failed_photos=0,
-                ).to_json()
+                payload = payload_of(channel, g // channels, base_ms, occurred)
                 payloads.append((names[channel], payload))
                 pipe.publish(names[channel], payload)
             now = time.monotonic()

@@ -64,6 +64,11 @@ class Result:
     storm_bystander_deliveries: int = 0
     server_loop_lag_p99_ms: float | None = None
     server_loop_lag_max_ms: float | None = None
+    #: Session scenarios (``bench/sessions.py``): sessions carried, the server's CPU share with the
+    #: streams open and idle, and the CPU per delivery once that idle share is subtracted.
+    sessions: int = 0
+    idle_cpu_share: float = 0.0
+    net_us_per_delivery: float = 0.0
     flags: list[str] = field(default_factory=list)
     verdict: list[str] = field(default_factory=list)
 
@@ -102,8 +107,12 @@ def row(r: Result) -> str:
                 f"; server loop lag p99 ≤ {r.server_loop_lag_p99_ms:g} ms,"
                 f" max ≤ {r.server_loop_lag_max_ms:g} ms"
             )
+    if r.sessions and r.rate > 0:
+        per += f"; net of idle ({r.idle_cpu_share:.0%}): {r.net_us_per_delivery:.2f}"
     flags = f" ({', '.join(r.flags)})" if r.flags else ""
     rss = f"{r.kib_per_stream:.1f}"
+    if r.sessions:
+        rss += f" ({r.kib_per_stream * r.streams / r.sessions:.2f} per session)"
     if r.proxy_kib_per_stream is not None:
         rss += f" (+nginx {r.proxy_kib_per_stream:.1f})"
     return (
