@@ -6,7 +6,7 @@ session streams over the same sessions and the same events.
 - ``SINGLE8``: one session stream (``/api/upload/sessions/{id}/stream``) per session: every
   delivery is the hub's shared frame.
 
-Sessions ``mb-s<n>`` of users ``mb<n // 8>`` are seeded once per run through the worker's own
+Sessions ``mb-s<n>`` of users ``mb<n % (sessions / 8)>`` are seeded once per run through the worker's own
 commands (``tests.support.seed``: state hash, log with ``SESSION_STARTED``), so both streams open
 on real sessions: the single streams with their ``SESSION_SNAPSHOT``, the multi streams with one
 snapshot per session. The publisher (``notify_publisher.py --sessions``) then publishes
@@ -14,6 +14,11 @@ snapshot per session. The publisher (``notify_publisher.py --sessions``) then pu
 ``<ms>-<seq>`` newer than the seeded logs and increasing per channel, so the relays treat them as
 log entries (the multi stream moves its cursor on each). The clients count only those payloads
 (:data:`MARKER`), not the snapshots: a multi stream checks the sequence of each of its sessions.
+
+A multi stream's sessions are strided (stream k of S: sessions k, k + S, … k + 7S), so the
+publisher's round-robin gives every stream one event at a time, as it gives every single stream:
+with consecutive sessions a stream would get 8 events in a row, which its writer coalesces into
+fewer writes, and the comparison would measure that instead of the cost of a delivery.
 """
 
 from __future__ import annotations
@@ -48,26 +53,35 @@ def session_of(n: int) -> str:
     return f"mb-s{n}"
 
 
-def owner_of(n: int) -> str:
-    """Sessions 8k … 8k+7 belong to one user: a multi stream's sessions are its user's."""
-    return f"mb{n // PER_CLIENT}"
+def owner_of(n: int, sessions: int) -> str:
+    """The owner of session ``n`` of ``sessions``: the 8 sessions of a multi stream (:func:`lanes_of`)
+    are one user's, ``mb<n % (sessions / 8)>``."""
+    return f"mb{n % max(1, sessions // PER_CLIENT)}"
+
+
+def lanes_of(kind: str, k: int, sessions: int) -> tuple[int, ...]:
+    """The session numbers (= publisher channels) stream ``k`` carries: "multi", sessions k, k + S,
+    … k + 7S (S = sessions / 8, the number of multi streams); "single", session k % sessions."""
+    if kind == "multi":
+        stride = max(1, sessions // PER_CLIENT)
+        first = k % stride
+        return tuple(first + i * stride for i in range(PER_CLIENT))
+    return (k % sessions,)
 
 
 def requests(kind: str, port: int, streams: int, sessions: int) -> list[bytes]:
-    """One request per stream: ``kind`` "multi" (stream k: sessions 8k … 8k+7, of user ``mb<k>``)
-    or "single" (stream n: session n % sessions). Tokens minted here, not on the server's time."""
+    """One request per stream ``k``, for the sessions of :func:`lanes_of` (``kind`` "multi" or
+    "single"), as their owner. Tokens minted here, not on the server's time."""
     out: list[bytes] = []
     tokens: dict[str, str] = {}
     for k in range(streams):
+        lanes = lanes_of(kind, k, sessions)
+        user = owner_of(lanes[0], sessions)
         if kind == "multi":
-            first = k * PER_CLIENT % sessions
-            user = owner_of(first)
-            query = "&".join(f"session={session_of(first + i)}" for i in range(PER_CLIENT))
+            query = "&".join(f"session={session_of(n)}" for n in lanes)
             path = f"{MULTI_PATH}?{query}"
         else:
-            n = k % sessions
-            user = owner_of(n)
-            path = f"/api/upload/sessions/{session_of(n)}/stream"
+            path = f"/api/upload/sessions/{session_of(lanes[0])}/stream"
         token = tokens.get(user)
         if token is None:
             token = tokens[user] = mint_token(user, key=SECRET, ttl_seconds=7200)
@@ -78,14 +92,6 @@ def requests(kind: str, port: int, streams: int, sessions: int) -> list[bytes]:
             ).encode()
         )
     return out
-
-
-def lanes_of(kind: str, k: int, sessions: int) -> tuple[int, ...]:
-    """The session numbers (= publisher channels) stream ``k`` carries."""
-    if kind == "multi":
-        first = k * PER_CLIENT % sessions
-        return tuple(range(first, first + PER_CLIENT))
-    return (k % sessions,)
 
 
 class MultiStream(Stream):
@@ -179,7 +185,7 @@ async def open_session_streams(
 
 
 async def seed(redis_url: str, count: int) -> None:
-    """``count`` sessions ``mb-s<n>`` of users ``mb<n // 8>``, started by the worker's command (a
+    """``count`` sessions ``mb-s<n>`` of users :func:`owner_of`, started by the worker's command (a
     state hash and a log holding ``SESSION_STARTED``), 50 at a time."""
     from tests.support.seed import seeder
 
@@ -187,7 +193,7 @@ async def seed(redis_url: str, count: int) -> None:
         for first in range(0, count, 50):
             await asyncio.gather(
                 *(
-                    seeded.start(session_of(n), owner_of(n), TOTAL_PHOTOS)
+                    seeded.start(session_of(n), owner_of(n, count), TOTAL_PHOTOS)
                     for n in range(first, min(count, first + 50))
                 )
             )
