@@ -37,35 +37,44 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 MULTI_STREAM = "/api/upload/sessions/stream"
 RETRY_MS = 1500  # the relays' SSE_RETRY_MS: not the module's default (2000), so `retry:` shows
 TEST_PAGE = "/__module_test__"
-#: The test page: imports the module as any page would, and records what it emits.
-HARNESS = f"""<!doctype html><meta charset="utf-8"><title>module test</title>
+#: An application's origin, served by the browser itself (Playwright; nothing listens on port 1),
+#: listed in the relays' RELAY_CORS_ORIGINS.
+APP_ORIGIN = "http://localhost:1"
+
+
+HARNESS = """<!doctype html><meta charset="utf-8"><title>module test</title>
 <script type="module">
-import * as realtime from "{CLIENT_MODULE_PATH}";
+import * as realtime from "MODULE_URL";
 const EVENTS = ["connection", "frame", "progress", "sessionclosed", "notification", "duplicate"];
-function plain(on, d) {{
-  if (on === "progress") {{
+function plain(on, d) {
+  if (on === "progress") {
     const s = d.session;
-    return {{ sessionId: d.sessionId, type: d.event.type, eventId: d.event.eventId ?? null,
+    return { sessionId: d.sessionId, type: d.event.type, eventId: d.event.eventId ?? null,
       uploaded: s.uploadedPhotos, failed: s.failedPhotos, total: s.totalPhotos, status: s.status,
-      failures: Object.fromEntries(s.failures) }};
-  }}
-  if (on === "sessionclosed") return {{ sessionId: d.sessionId, reason: d.reason }};
-  if (on === "notification") return {{ eventId: d.eventId, kind: d.notification.kind,
-    sessionId: d.notification.sessionId }};
-  if (on === "frame") return {{ type: d.type, id: d.id, lastEventId: d.lastEventId, json: d.json }};
-  return {{ ...d }};
-}}
+      failures: Object.fromEntries(s.failures) };
+  }
+  if (on === "sessionclosed") return { sessionId: d.sessionId, reason: d.reason };
+  if (on === "notification") return { eventId: d.eventId, kind: d.notification.kind,
+    sessionId: d.notification.sessionId };
+  if (on === "frame") return { type: d.type, id: d.id, lastEventId: d.lastEventId, json: d.json };
+  return { ...d };
+}
 window.realtime = realtime;
-window.runs = {{}};
-window.streams = {{}};
-window.watch = (name, options) => {{
+window.runs = {};
+window.streams = {};
+window.watch = (name, options) => {
   const log = window.runs[name] = [];
   const stream = window.streams[name] = new realtime.UploadProgressStream(options);
-  for (const on of EVENTS) stream.on(on, (d) => log.push({{ on, at: performance.now(), ...plain(on, d) }}));
+  for (const on of EVENTS) stream.on(on, (d) => log.push({ on, at: performance.now(), ...plain(on, d) }));
   stream.start();
-}};
+};
 window.ready = true;
 </script>"""
+
+
+def harness(module_url: str) -> str:
+    """The test page: imports the module as any page would, and records what it emits."""
+    return HARNESS.replace("MODULE_URL", module_url)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +83,7 @@ def stack(module_cluster_factory: Callable[[], Cluster]) -> Cluster:
     return module_cluster_factory().start(
         relays=2,
         SSE_RETRY_MS=str(RETRY_MS),
+        RELAY_CORS_ORIGINS=APP_ORIGIN,
         each=[{"RELAY_MAX_CONNECTIONS_PER_USER": "1"}, {"RELAY_MAX_CONNECTIONS": "1"}],
     )
 
@@ -94,14 +104,20 @@ class ModulePage:
         )
 
     @classmethod
-    async def open(cls, context: BrowserContext, relay: RelayInstance) -> ModulePage:
-        async def serve(route: Route) -> None:
-            await route.fulfill(status=200, content_type="text/html", body=HARNESS)
+    async def open(
+        cls, context: BrowserContext, relay: RelayInstance, origin: str | None = None
+    ) -> ModulePage:
+        """The test page on ``origin`` (the relay's own by default), importing the relay's module."""
+        body = harness(relay.base_url + CLIENT_MODULE_PATH)
 
+        async def serve(route: Route) -> None:
+            await route.fulfill(status=200, content_type="text/html", body=body)
+
+        url = (origin or relay.base_url) + TEST_PAGE
         page = await context.new_page()
-        await page.route(relay.base_url + TEST_PAGE, serve)
+        await page.route(url, serve)
         module_page = cls(page)
-        await page.goto(relay.base_url + TEST_PAGE)
+        await page.goto(url)
         await page.wait_for_function("() => window.ready === true", timeout=10_000)
         return module_page
 
@@ -415,4 +431,35 @@ async def test_a_silent_stream_counts_as_dead_and_is_resumed(
     requests = [r for _, r in page.requests_of(session)]
     assert len(requests) >= 2
     assert all(r.headers.get("last-event-id") for r in requests[1:])
+    assert page.errors == []
+
+
+async def test_a_page_of_another_origin_imports_the_module_and_streams(
+    stack: Cluster, module_jobs: UploadJobsClient, module_truth: Truth, browser: BrowserContext
+) -> None:
+    """README's usage: a page of the application's own origin imports the module from the relay
+    (a module script, fetched with CORS and no credentials: the relay allows any origin for it)
+    and holds a stream there with its token (a CORS request with `Authorization` and
+    `Last-Event-ID`: the relay lists the page's origin in RELAY_CORS_ORIGINS)."""
+    relay = stack.relays[0]
+    user, session = fresh("u"), fresh("s")
+    await module_jobs.start_upload_session(session, user, total_photos=2)
+    await module_truth.wait_status(session, "IN_PROGRESS")
+    # Chromium lets a page reach a loopback address (the test's relay) only with this permission;
+    # an application and a relay on public hosts need none.
+    await browser.grant_permissions(["local-network-access"])
+    page = await ModulePage.open(browser, relay, origin=APP_ORIGIN)
+    assert await page.page.evaluate("() => location.origin") == APP_ORIGIN
+    await page.watch("remote", sessions=[session], token=stack.token(user), baseUrl=relay.base_url)
+    await page.wait_count("remote", "progress", 1)
+    await module_jobs.complete_photo_upload(session, "a")
+    await module_jobs.fail_photo_upload(session, "b", "too dark")
+    closed = await page.wait_state("remote", "closed")
+    assert closed["reason"] == "completed"
+    last = (await page.log("remote", "progress"))[-1]
+    assert (last["uploaded"], last["failed"], last["status"]) == (1, 1, "COMPLETED")
+    assert last["failures"] == {"b": "too dark"}
+    request = page.requests_of(session)[0][1]
+    assert request.url.startswith(relay.base_url)
+    assert request.headers["origin"] == APP_ORIGIN
     assert page.errors == []
