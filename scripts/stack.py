@@ -24,6 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository's modules importable
+    sys.path.insert(0, str(ROOT))
+
+from scripts.ports import claim_port, free_port  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 
@@ -34,13 +40,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def redis_server_argv(binary: str, port: int, folder: Path) -> list[str]:
@@ -211,7 +210,11 @@ def main() -> int:
         relays: list[subprocess.Popen[bytes]] = []
         for i in range(args.relays):  # all at once: each takes seconds to import and connect
             wanted = args.port + i
-            port = wanted if port_free(wanted) else free_port()
+            # --port is the person's (or a test's) choice: taken when free. The next ones only
+            # when no one else has leased them (scripts/ports.py): another run may be about to
+            # bind them.
+            taken = port_free(wanted) if i == 0 else claim_port(wanted)
+            port = wanted if taken else free_port()
             ports.append(port)
             relays.append(
                 stack.spawn(

@@ -19,8 +19,9 @@ from pathlib import Path
 import redis
 
 # One home for these: the stack script (the product's run command) cannot import the tests, the
-# other way round is fine. free_port is re-exported here for the suite and the load tests.
-from scripts.stack import free_port as free_port
+# other way round is fine. free_port (a leased port: scripts/ports.py, safe under pytest -n and
+# concurrent runs) is re-exported here for the suite and the load tests.
+from scripts.ports import free_port as free_port
 from scripts.stack import redis_server_argv
 
 
