@@ -46,6 +46,7 @@ from redis.exceptions import RedisError
 
 from rapidphoto_tools.client import UploadJobsClient
 from rapidphoto_tools.realtime import OtherEvent, StateChange, StreamRefused, stream
+from tests.conftest import CPU_HEAVY
 from tests.e2e.conftest import (
     Cluster,
     LogEntry,
@@ -60,7 +61,7 @@ from tests.e2e.conftest import (
 from tests.support.redis_server import RedisServer
 from tests.support.sse import SSEFrame
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, CPU_HEAVY]
 
 ClusterFactory = Callable[[str], Cluster]
 T = TypeVar("T")

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_SECRET
+from tests.conftest import CPU_HEAVY, TEST_SECRET
 from tests.support.processes import BIN, base_env, start_relay, start_worker
 from tests.support.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, CPU_HEAVY]
 
 
 @pytest.mark.timeout(90)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CPU_HEAVY
+
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, CPU_HEAVY]
 
 
 @pytest.mark.timeout(115)

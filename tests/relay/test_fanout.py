@@ -13,6 +13,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from rapidphoto_contract import keys
+from tests.conftest import CPU_HEAVY
 from tests.relay.conftest import Relay, RelayFactory, eventually
 from tests.support.seed import Seeder
 from tests.support.sse import RawStream, SSEFrame, open_sse
@@ -195,6 +196,7 @@ async def test_reconnecting_to_another_relay_replays_what_was_missed(
         assert (await second.next_event()).id == live.event_ids[0]
 
 
+@CPU_HEAVY
 async def test_a_thousand_streams_share_fifty_subscriptions_and_leave_nothing_behind(
     relay_factory: RelayFactory, rclient: aioredis.Redis, ids: Ids
 ) -> None:

@@ -19,6 +19,7 @@ from rapidphoto_contract.jobs import QUEUE_NAME, CompletePhotoUpload
 from rapidphoto_tools.client import UploadJobsClient
 from rapidphoto_worker import commands
 from rapidphoto_worker.main import JOB_TIMEOUT_SECONDS
+from tests.conftest import CPU_HEAVY
 from tests.support.processes import start_worker
 from tests.support.worker import (
     notification_log,
@@ -32,7 +33,7 @@ PHOTOS = 1500
 #: Keep every event, so the log can be checked photo by photo.
 ENV = {"SESSION_LOG_MAXLEN": str(PHOTOS * 2)}
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, CPU_HEAVY]
 
 
 async def test_a_worker_killed_mid_stream_loses_nothing_and_doubles_nothing(
