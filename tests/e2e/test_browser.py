@@ -22,6 +22,7 @@ from playwright.async_api import BrowserContext, Page, Request
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from rapidphoto_tools.client import UploadJobsClient
+from tests.conftest import CPU_HEAVY
 from tests.e2e.conftest import (
     NOTIFICATION_STREAM,
     Cluster,
@@ -34,7 +35,7 @@ from tests.e2e.conftest import (
 from tests.support.browser import CLIENT_MODULE_JS, CLIENT_MODULE_PATH, DEMO_HTML, REPO
 from tests.support.sse import open_sse
 
-pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module"), CPU_HEAVY]
 
 #: Where a person (or CI) finds the finished page's picture; /artifacts/ is gitignored.
 ARTIFACT = REPO / "artifacts" / "demo.png"

@@ -20,6 +20,7 @@ from playwright.async_api import BrowserContext, Page, Request, Route
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from rapidphoto_tools.client import UploadJobsClient
+from tests.conftest import CPU_HEAVY
 from tests.e2e.conftest import (
     NOTIFICATION_STREAM,
     Cluster,
@@ -32,7 +33,7 @@ from tests.e2e.conftest import (
 from tests.support.browser import CLIENT_MODULE_PATH
 from tests.support.sse import open_sse
 
-pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module"), CPU_HEAVY]
 
 MULTI_STREAM = "/api/upload/sessions/stream"
 RETRY_MS = 1500  # the relays' SSE_RETRY_MS: not the module's default (2000), so `retry:` shows

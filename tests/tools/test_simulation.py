@@ -149,7 +149,7 @@ async def test_run_sends_every_job_paced(redis_url: str, redis_client: aioredis.
     rate = 50.0
     plan = plan_simulation(spec(sessions=2, photos=10, rate=rate))
     out = io.StringIO()
-    started = time.monotonic()
+    started, started_ms = time.monotonic(), time.time() * 1000  # (arq's scores: epoch ms)
     async with UploadJobsClient.connect(redis_url) as jobs:
         report = await run_simulation(plan, jobs, rate, out, progress_every=0.1)
     took = time.monotonic() - started
@@ -167,9 +167,11 @@ async def test_run_sends_every_job_paced(redis_url: str, redis_client: aioredis.
     assert took >= 19 / rate
     span_ms = photos[-1].score - photos[0].score
     assert span_ms >= 0.9 * 19 / rate * 1000
-    # Not bursty: no 100 ms window holds much more than its share (5 jobs).
-    times = [j.score for j in photos]
-    assert max(sum(1 for t in times if t0 <= t < t0 + 100) for t0 in times) <= 8
+    # Paced, not bursty: the k-th job is never sent before its time, k/rate after the start. (An
+    # upper bound, "no 100 ms window holds more than 8", failed on a busy machine: a pacer that
+    # was descheduled sends what is overdue at once, by design, to keep the rate.)
+    for k, job in enumerate(photos):
+        assert job.score >= started_ms + k / rate * 1000 - 5, f"job {k} went early"
     # Sessions are started before any of their photos is sent.
     assert max(j.score for j in starts) <= photos[0].score
     assert "sent " in out.getvalue()  # progress lines
