@@ -401,6 +401,10 @@ def _init(environment: Any, **_: Any) -> None:
     global _run
     if environment.parsed_options is None:  # imported by a tool, not run
         return
+    # Locust starts its --run-time timer on gevent's cached loop clock (gevent >= 1.3 does not
+    # refresh it for a timer started outside the loop), last read before this file was imported:
+    # on a busy machine 15 s of start-up came off a 20 s run and the publisher never got to send.
+    gevent.get_hub().loop.update_now()
     _run = Run(environment)
     problem = _run.validate()
     if problem is not None:

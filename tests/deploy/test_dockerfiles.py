@@ -33,6 +33,10 @@ from tests.support.processes import ManagedProcess, base_env, wait_until
 from tests.support.redis_server import free_port
 
 PACKAGES = list(DEPLOYABLES)
+
+#: Under pytest-xdist the module's tests stay on one worker: ``built`` (two replayed image builds,
+#: seconds each) is then built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("dockerfiles")
 BASE_IMAGE = "python:3.11-slim"
 
 
