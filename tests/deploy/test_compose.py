@@ -106,8 +106,8 @@ def test_settings_variables_are_spec_section_2() -> None:
     names = settings_variables()
     assert {"REDIS_URL", "JWT_SECRET", "RELAY_PORT", "SESSION_LOG_MAXLEN"} <= names
     # PROTOCOL §2's table: 19 names; the request head deadline and pending cap (issue 9);
-    # RELAY_WORKERS (issue 12)
-    assert len(names) == 22
+    # RELAY_WORKERS (issue 12); RELAY_MAX_SESSIONS_PER_STREAM (issue 11)
+    assert len(names) == 23
 
 
 def test_each_deployable_reads_what_it_uses() -> None:
