@@ -59,14 +59,15 @@ class Terminal:
             raw = self._raw
         return ANSI.sub("", raw.decode("utf-8", errors="replace"))
 
-    async def shows(self, wanted: str, within: float = 15.0) -> None:
+    # Ceilings, not delays: on a busy 2-core machine the command alone takes seconds to start.
+    async def shows(self, wanted: str, within: float = 60.0) -> None:
         deadline = asyncio.get_running_loop().time() + within
         while wanted not in self.text:
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"{wanted!r} never shown; screen so far:\n{self.text}")
             await asyncio.sleep(0.05)
 
-    async def exit_code(self, within: float = 15.0) -> int:
+    async def exit_code(self, within: float = 60.0) -> int:
         code = await asyncio.to_thread(self.proc.wait, within)
         await asyncio.to_thread(self._reader.join, 5)
         return code
@@ -87,28 +88,35 @@ def _env(user: str) -> dict[str, str]:
 async def test_the_screen_shows_bars_and_failures_and_exits_0_once_completed(
     relays: Relays, seed: Seeder
 ) -> None:
-    session, user = fresh("s"), fresh("u")
-    await seed.start(session, user, 4)
-    argv = [str(BIN / "rapidphoto"), "watch", session, "--relay", relays.url(0), "--timeout", "60"]
+    """Two sessions and the notifications: one multi-session stream, a bar for each."""
+    first, second, user = fresh("s"), fresh("s"), fresh("u")
+    await seed.start(first, user, 4)
+    await seed.start(second, user, 1)
+    argv = [str(BIN / "rapidphoto"), "watch", first, second, "--notifications"]
+    argv += ["--relay", relays.url(0), "--timeout", "60"]
     terminal = Terminal(argv, _env(user))
     try:
-        await terminal.shows("0/4")  # the snapshot drawn: the stream is open
+        await terminal.shows("0/4")  # the snapshots drawn: the stream is open
+        await terminal.shows("0/1")
         await terminal.shows("connection: open")
-        await seed.upload(session, "p1")
-        await seed.fail(session, "p2", "checksum mismatch")
+        await seed.upload(first, "p1")
+        await seed.fail(first, "p2", "checksum mismatch")
         await terminal.shows("2/4  1 uploaded, 1 failed")
-        await seed.upload(session, "p3")
-        await seed.upload(session, "p4")
+        await seed.upload(second, "p1")
+        await terminal.shows(f"UPLOAD_SESSION_COMPLETED {second}: 1 uploaded, 0 failed of 1")
+        await seed.upload(first, "p3")
+        await seed.upload(first, "p4")
         code = await terminal.exit_code()
         screen = terminal.text
     finally:
         terminal.close()
     assert code == 0, screen
-    assert "4/4  3 uploaded, 1 failed" in screen
+    assert " 100%  4/4  3 uploaded, 1 failed" in screen
+    assert " 100%  1/1  1 uploaded, 0 failed" in screen
     assert "COMPLETED" in screen
-    assert f"{session} p2: checksum mismatch" in screen
-    assert "━" in screen  # the bar itself
-    assert "all 1 session(s) completed" in screen
+    assert f"{first} p2: checksum mismatch" in screen
+    assert "━" in screen  # the bars themselves
+    assert "all 2 session(s) completed" in screen
     assert token(user)[:20] not in screen
 
 
@@ -126,6 +134,28 @@ async def test_a_refusal_exits_1_with_its_reason(
     captured = capsys.readouterr()
     assert "refused: forbidden" in captured.err
     assert "connection: error" in captured.out
+
+
+async def test_a_session_the_stream_goes_on_without_exits_1_with_its_reason(
+    relays: Relays, seed: Seeder
+) -> None:
+    done, pending, user, stranger = fresh("s"), fresh("s"), fresh("u"), fresh("u")
+    await seed.start(done, user, 1)
+    argv = [str(BIN / "rapidphoto"), "watch", done, pending]
+    argv += ["--relay", relays.url(1), "--timeout", "30"]
+    terminal = Terminal(argv, _env(user))
+    try:
+        await terminal.shows("connection: open")
+        # `pending` appears with another owner (SESSION_CLOSED forbidden), `done` completes.
+        await seed.start(pending, stranger, 1)
+        await terminal.shows("closed: forbidden")
+        await seed.upload(done, "p1")
+        code = await terminal.exit_code()
+        screen = terminal.text
+    finally:
+        terminal.close()
+    assert code == 1, screen
+    assert f"session {pending}: forbidden" in screen
 
 
 def test_bad_input_exits_2_before_connecting(

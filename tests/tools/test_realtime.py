@@ -6,7 +6,7 @@ are the package's (``tests/tools/conftest.py``)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -15,6 +15,7 @@ from rapidphoto_contract.events import (
     Notification,
     PhotoFailed,
     PhotoUploaded,
+    SessionClosed,
     SessionCompleted,
     SessionSnapshot,
     SessionStarted,
@@ -51,7 +52,11 @@ async def take(events: EventStream, count: int, within: float = 10.0) -> list[St
     return out
 
 
-def event_ids(events: list[StreamEvent]) -> list[str | None]:
+def opened_on(changes: list[StateChange], url: str) -> bool:
+    return any(c.state == "open" and c.url == url for c in changes)
+
+
+def event_ids(events: Sequence[StreamEvent]) -> list[str | None]:
     return [getattr(event, "event_id", None) for event in events]
 
 
@@ -243,37 +248,121 @@ async def test_a_silent_connection_is_resumed_from_the_position_it_resumed_from(
     assert lost[0].reason.startswith("connection lost")
 
 
+async def test_many_sessions_on_one_stream_end_when_all_are_done(
+    relays: Relays, seed: Seeder
+) -> None:
+    """The multi-session stream (PROTOCOL §5.1): a snapshot per session, a SESSION_CLOSED for a
+    session that appears with another owner (the stream goes on, and reconnections no longer ask
+    for it: asked, it would make the whole stream a 403), the end once the others completed;
+    resumed with the last cursor afterwards, 204: nothing, and a normal end."""
+    done, pending, user, stranger = fresh("s"), fresh("s"), fresh("u"), fresh("u")
+    await seed.start(done, user, 2)
+    changes: list[StateChange] = []
+    # Shorter than the relay's 1 s heartbeat: the client reconnects whenever nothing comes.
+    events = stream(
+        relays.url(1),
+        token=token(user),
+        sessions=[done, pending],
+        idle_timeout=0.4,
+        on_state=changes.append,
+    )
+    async with events:
+        (snapshot,) = await take(events, 1)
+        await seed.start(pending, stranger, 1)
+        (closed,) = await take(events, 1)
+        opened = sum(c.state == "open" for c in changes)
+        await until(lambda: sum(c.state == "open" for c in changes) >= opened + 2)
+        await seed.upload(done, "p1")
+        await seed.fail(done, "p2", "corrupt")
+        got = await rest(events)
+    assert isinstance(snapshot, SessionSnapshot)
+    assert snapshot.session_id == done
+    assert closed == SessionClosed(session_id=pending, reason="forbidden")
+    assert [type(e) for e in got] == [PhotoUploaded, PhotoFailed, SessionCompleted]
+    assert events.close_reason == "completed"
+    assert events.last_event_id is not None
+
+    # (multi: a cursor resumes only the multi-session stream, even for one session)
+    again = stream(
+        relays.url(0),
+        token=token(user),
+        sessions=[done],
+        multi=True,
+        last_event_id=events.last_event_id,
+    )
+    assert await rest(again) == []
+    assert again.close_reason == "completed"
+
+
+async def test_too_many_sessions_are_a_typed_refusal(relays: Relays) -> None:
+    sessions = [f"s{n}" for n in range(33)]  # RELAY_MAX_SESSIONS_PER_STREAM is 32
+    with pytest.raises(StreamRefused) as refused:
+        await rest(stream(relays.url(1), token=token(fresh("u")), sessions=sessions))
+    assert (refused.value.reason, refused.value.status) == ("bad-request", 400)
+    assert refused.value.detail  # the relay's own words
+
+
 # Last in the module: the relay it kills is started again only if a later test needs it.
 async def test_resumes_on_the_other_relay_after_a_kill_without_loss_or_repeat(
     relays: Relays, seed: Seeder
 ) -> None:
-    session, user = fresh("s"), fresh("u")
+    """A session's own stream and a multi-session stream with the notifications, both on relay 0
+    when it is killed, both moved to relay 1 by the client with their last id (the multi-session
+    one a cursor): every log entry once, in order, and nothing resynchronised."""
+    session, other, user = fresh("s"), fresh("s"), fresh("u")
     await seed.start(session, user, 20)
+    await seed.start(other, user, 10)
     changes: list[StateChange] = []
-    async with stream(
-        [relays.url(0), relays.url(1)],
+    multi_changes: list[StateChange] = []
+    both = [relays.url(0), relays.url(1)]
+    single = stream(both, token=token(user), sessions=[session], on_state=changes.append)
+    multi = stream(
+        both,
         token=token(user),
-        sessions=[session],
-        on_state=changes.append,
-    ) as events:
-        first = await take(events, 1)
+        sessions=[session, other],
+        notifications=True,
+        on_state=multi_changes.append,
+    )
+    async with single, multi:
+        first = await take(single, 1)
+        got = await take(multi, 2)  # a snapshot per session, in the order asked
         await seed.upload_many(session, 5, prefix="a")
-        first += await take(events, 5)
+        await seed.upload_many(other, 3, prefix="a")
+        first += await take(single, 5)
+        got += await take(multi, 8)
         relays.procs[0].kill()
-        # Logged while the client is cut off: it must get them on resumption, once.
+        # Logged while the clients are cut off: they must get them on resumption, once.
         await seed.upload_many(session, 5, prefix="b")
-        await until(lambda: any(c.state == "open" and c.url == relays.url(1) for c in changes))
+        await seed.upload_many(other, 3, prefix="b")
+        await until(lambda: opened_on(changes, both[1]) and opened_on(multi_changes, both[1]))
         await seed.upload_many(session, 10, prefix="c")
-        resumed = await rest(events)
+        await seed.upload_many(other, 4, prefix="c")
+        resumed = await rest(single)
+        # 15 uploads and the completion of `session`, 7 and `other`'s, and two notifications.
+        got += await take(multi, 16 + 8 + 2)
 
     assert isinstance(first[0], SessionSnapshot)
     log = [entry_id for entry_id, _ in await seed.entries(keys.session_log_key(session))]
     assert first[0].event_id == log[0]
-    delivered = event_ids(first[1:] + resumed)
-    assert delivered == log[1:]
+    assert event_ids(first[1:] + resumed) == log[1:]
     assert isinstance(resumed[-1], SessionCompleted)
     reconnecting = [c for c in changes if c.state == "reconnecting"]
     assert reconnecting[0].url == relays.url(1)
     assert reconnecting[0].reason is not None
     assert reconnecting[0].reason.startswith("connection lost")
     assert reconnecting[0].retry_in == 0.1  # the relay's retry:
+
+    assert [type(e) for e in got[:2]] == [SessionSnapshot, SessionSnapshot]
+    assert [getattr(e, "session_id", None) for e in got[:2]] == [session, other]
+    assert not [e for e in got[2:] if isinstance(e, SessionSnapshot)], "resynchronised"
+    for sid in (session, other):
+        entries = [entry_id for entry_id, _ in await seed.entries(keys.session_log_key(sid))]
+        mine = [e for e in got if getattr(e, "session_id", None) == sid]
+        assert mine[0].event_id == entries[0]  # type: ignore[union-attr]
+        progress = [e for e in mine[1:] if not isinstance(e, Notification)]
+        assert event_ids(progress) == entries[1:], sid
+    notes = [e for e in got if isinstance(e, Notification)]
+    notification_log = await seed.entries(keys.user_notifications_log_key(user))
+    assert event_ids(notes) == [entry_id for entry_id, _ in notification_log]
+    assert multi.last_event_id not in log  # the whole stream's cursor, not an entry id
+    assert [c.url for c in multi_changes if c.state == "open"] == both

@@ -33,6 +33,7 @@ from rapidphoto_contract.events import (
     Notification,
     PhotoFailed,
     PhotoUploaded,
+    SessionClosed,
     SessionCompleted,
     SessionSnapshot,
     SessionStarted,
@@ -61,8 +62,6 @@ TOKEN_ENV: Final = "RAPIDPHOTO_TOKEN"
 #: What the view keeps: the most recent failures and notifications.
 SHOWN_FAILURES: Final = 8
 SHOWN_NOTIFICATIONS: Final = 5
-#: A multi-session stream's event for a session it goes on without (PROTOCOL §5.1).
-SESSION_CLOSED: Final = "SESSION_CLOSED"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -198,14 +197,10 @@ class WatchView:
                     f"{event.kind} {event.session_id}: {event.uploaded_photos} uploaded, "
                     f"{event.failed_photos} failed of {event.total_photos}"
                 )
-            case OtherEvent(type=type_, payload=payload) if type_ == SESSION_CLOSED:
-                view = self._session(str(payload.get("sessionId", "")))
-                view.closed = str(payload.get("reason", "closed"))
-            case OtherEvent():
+            case SessionClosed():
+                self._session(event.session_id).closed = event.reason
+            case OtherEvent():  # a direct publish of another backend: shown as it came
                 self.notifications.append(f"{event.type}: {dict(event.payload)}")
-            case _ if getattr(event, "TYPE", None) == SESSION_CLOSED:
-                view = self._session(str(getattr(event, "session_id", "")))
-                view.closed = str(getattr(event, "reason", "closed"))
 
     def _session(self, session_id: str) -> SessionView:
         return self.sessions.setdefault(session_id, SessionView(session_id))

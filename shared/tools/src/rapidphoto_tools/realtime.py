@@ -54,6 +54,7 @@ from rapidphoto_contract.events import (
     STREAM_CLOSED,
     Event,
     EventDecodeError,
+    SessionClosed,
     StreamClosed,
     decode_event,
 )
@@ -179,6 +180,8 @@ def stream(
     reader = _Reader(
         urls=[u.rstrip("/") for u in urls],
         path=path,
+        sessions=list(dict.fromkeys(sessions)),
+        notifications=notifications,
         token=token,
         resume_id=last_event_id,
         on_state=on_state,
@@ -295,6 +298,8 @@ class _Reader:
 
     urls: list[str]
     path: str
+    sessions: list[str]
+    notifications: bool
     token: str = attrs.field(repr=False)
     resume_id: str | None
     on_state: StateCallback | None
@@ -343,7 +348,7 @@ class _Reader:
         self._report("connecting", self.url)
         while True:
             outcome = await self._connect(self.url)
-            if outcome is None:
+            if outcome is None or not self.path:
                 return
             failures = 0 if outcome.opened else failures + 1
             if outcome.retry_after is not None:
@@ -418,8 +423,21 @@ class _Reader:
                 if event.reason in _FINAL_CLOSE_REASONS:
                     raise StreamRefused(event.reason, status=None)  # type: ignore[arg-type]
                 return _Again(event.reason, opened=True)  # slow-consumer, shutdown, or newer
+            if isinstance(event, SessionClosed) and event.session_id in self.sessions:
+                self._forget(event.session_id)
             await self.queue.put((event, self.resume_id))
         return _Again("the relay ended the stream", opened=True)
+
+    def _forget(self, session_id: str) -> None:
+        """A multi-session stream went on without ``session_id`` (PROTOCOL §5.1): reconnections
+        no longer ask for it. Asked again, a session of another user would now be a 403 for the
+        whole stream; the cursor still records it as closed. The path stays the multi-session
+        one, which alone understands the cursor."""
+        self.sessions.remove(session_id)
+        if self.sessions or self.notifications:
+            self.path = stream_path(self.sessions, notifications=self.notifications, multi=True)
+        else:
+            self.path = ""  # every session closed: the relay ends the stream, nothing to resume
 
     def _report(
         self,
