@@ -224,7 +224,9 @@ def main() -> int:
                 )
             )
         for port, relay in zip(ports, relays, strict=True):
-            wait_http(f"http://127.0.0.1:{port}/health/ready", 30, relay)
+            # 60 s: a relay imports in ~2 s on a quiet machine, but took 30 s on this 2-core
+            # machine at a load average of 15 (the stack script's test then failed).
+            wait_http(f"http://127.0.0.1:{port}/health/ready", 60, relay)
 
         token = subprocess.run(
             [str(BIN / "rapidphoto"), "token", args.user, "--ttl", str(12 * 3600)],
