@@ -29,7 +29,7 @@ from typing import Final
 
 import attrs
 
-from rapidphoto_contract.stream_ids import StreamId, format_stream_id, parse_stream_id
+from rapidphoto_contract.stream_ids import StreamId, parse_stream_id
 
 VERSION: Final = "m1"
 NOTIFICATIONS_TAG: Final = "n"
@@ -43,11 +43,6 @@ _TAG_ALPHABET: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrst
 def session_tag(session_id: str) -> str:
     digest = hashlib.blake2b(session_id.encode(), digest_size=6).digest()
     return base64.urlsafe_b64encode(digest).decode()
-
-
-def position_text(position: StreamId | None) -> str:
-    """An item's position: a log id, or ``x`` for a closed session (``None``)."""
-    return CLOSED if position is None else format_stream_id(position)
 
 
 @attrs.frozen

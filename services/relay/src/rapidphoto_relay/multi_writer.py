@@ -11,8 +11,10 @@ been read yet (its session is pending, or its first read is still to come) drops
 log read that makes it live covers them: the worker appends and publishes in one step), a message at
 or below the lane's ``floor`` was already written by that read, and every log entry written moves the
 lane's position and is framed with the stream's cursor (``cursor.py``) as its ``id:``. The frame is
-the hub's shared frame with its ``id:`` line replaced, built once per delivery: one ``bytes``
-concatenation, the price of a per-stream ``id:``.
+the hub's shared frame with its ``id:`` line replaced, built once per delivery, the price of a
+per-stream ``id:``: the writer keeps the pieces of that line (``id: m1``, each lane's item as bytes)
+in one list, so a delivery formats its lane's new item and joins the list with the rest of the
+frame, one allocation, instead of re-encoding the whole cursor.
 
 The stream completes when every session is completed or closed and the notifications were not asked
 for; a completed session's later entries are still delivered (PROTOCOL §5.1).
@@ -48,12 +50,13 @@ class Lane:
         "completed",
         "deadline",
         "floor",
-        "item",
+        "index",
         "key",
         "kind",
         "live",
         "pending",
         "position",
+        "prefix",
         "stale",
         "tag",
         "writer",
@@ -82,8 +85,10 @@ class Lane:
         self.completed = False
         #: Closed with ``SESSION_CLOSED``: nothing more is delivered for it.
         self.closed = False
-        #: This lane's part of the cursor (``.<tag>~<position>``), or None while it has none.
-        self.item: str | None = None
+        #: Where this lane's part of the cursor (``.<tag>~<position>``, empty while it has none)
+        #: is in the writer's pieces of the ``id:`` line, and that part up to the position.
+        self.index = 0
+        self.prefix = f".{tag}~".encode()
 
     # --- the hub's subscriber interface --------------------------------------------------------
 
@@ -104,15 +109,13 @@ class Lane:
 
     def move_to(self, position: StreamId) -> None:
         self.position = position
-        self.item = f".{self.tag}~{cursor.position_text(position)}"
-        self.writer.cursor_changed()
+        self.writer.set_item(self.index, self.prefix + b"%d-%d" % position)
 
     def close(self) -> None:
         self.closed = True
         self.pending = False
         self.live = False
-        self.item = f".{self.tag}~{cursor.CLOSED}"
-        self.writer.cursor_changed()
+        self.writer.set_item(self.index, self.prefix + cursor.CLOSED.encode())
 
     @property
     def done(self) -> bool:
@@ -126,7 +129,14 @@ class LaneMessage(Message):
     __slots__ = ("lane", "origin")
 
     def __init__(self, origin: Message, lane: Lane) -> None:
-        super().__init__(origin.frame, origin.stream_id, terminal=origin.terminal)
+        # Not Message.__init__: one of these is made per delivery, and its keyword call and
+        # ``occurred_at`` handling cost more than the slots (the lag is observed on ``origin``).
+        self.frame = origin.frame
+        self.stream_id = origin.stream_id
+        self.terminal = origin.terminal
+        self.occurred_at = None
+        self.observed = True
+        self.chunk = None
         self.origin = origin
         self.lane = lane
 
@@ -134,7 +144,7 @@ class LaneMessage(Message):
 class MultiStreamWriter(StreamWriter):
     """The writer of one multi-session stream (see the module docstring)."""
 
-    __slots__ = ("_cursor", "lanes", "notifications")
+    __slots__ = ("_cursor", "_pieces", "lanes", "notifications")
 
     def __init__(
         self,
@@ -151,9 +161,14 @@ class MultiStreamWriter(StreamWriter):
         self.lanes: list[Lane] = []
         self.notifications: Lane | None = None
         self._cursor: bytes | None = None
+        #: The ``id:`` line in pieces: ``id: ``, ``m1``, each lane's item (b"" while it has none),
+        #: and a last slot where :meth:`framed` puts the rest of the frame for the join.
+        self._pieces: list[bytes] = [_ID_PREFIX, cursor.VERSION.encode(), b""]
 
     def add_lane(self, kind: LaneKind, key: str, channel: str, tag: str) -> Lane:
         lane = Lane(self, kind, key, channel, tag)
+        lane.index = len(self._pieces) - 1
+        self._pieces.insert(lane.index, b"")
         self.lanes.append(lane)
         if kind == "notifications":
             self.notifications = lane
@@ -161,16 +176,16 @@ class MultiStreamWriter(StreamWriter):
 
     # --- the cursor ----------------------------------------------------------------------------
 
-    def cursor_changed(self) -> None:
+    def set_item(self, index: int, item: bytes) -> None:
+        """A lane's part of the cursor changed."""
+        self._pieces[index] = item
         self._cursor = None
 
     def cursor_id(self) -> bytes:
-        """The stream's cursor now (PROTOCOL §5.1), encoded once per change."""
+        """The stream's cursor now (PROTOCOL §5.1), joined once per change."""
         encoded = self._cursor
         if encoded is None:
-            encoded = self._cursor = (
-                cursor.VERSION + "".join(lane.item for lane in self.lanes if lane.item is not None)
-            ).encode()
+            encoded = self._cursor = b"".join(self._pieces[1:-1])
         return encoded
 
     def framed(self, lane: Lane, message: Message) -> bytes:
@@ -179,10 +194,16 @@ class MultiStreamWriter(StreamWriter):
         frame = message.frame
         if sid is None:
             return frame
-        lane.move_to(sid)
-        if frame.startswith(_ID_PREFIX):
-            frame = frame[frame.index(b"\n") + 1 :]
-        return _ID_PREFIX + self.cursor_id() + b"\n" + frame
+        lane.position = sid
+        pieces = self._pieces
+        pieces[lane.index] = lane.prefix + b"%d-%d" % sid
+        self._cursor = None
+        # The rest of the frame from the end of its own id: line (a log entry's or a valid
+        # payload's frame always has one), joined after the cursor: one allocation.
+        pieces[-1] = frame[frame.index(b"\n") :] if frame.startswith(_ID_PREFIX) else b"\n" + frame
+        framed = b"".join(pieces)
+        pieces[-1] = b""
+        return framed
 
     def snapshot_frame(self, lane: Lane, message: Message, position: StreamId) -> bytes:
         """A snapshot's frame: the cursor records ``position`` (``0-0`` for an empty log)."""
