@@ -12,10 +12,14 @@
 | S4 | 10,000 | 10,000 | 1,000 | 1,000 |
 | IDLE | 10,000 | 10,000 | 0 | relay memory and CPU per idle stream |
 | STORM, STORM-SESSION, STORM-RESUME | 1,000 + 10,000 opened at once | 1,000 | 100 | 100 |
+| MULTI8 | 1,000 multi-session streams of 8 sessions | 8,000 sessions | 100 | 100 |
+| SINGLE8 | 8,000 session streams, the same sessions | 8,000 sessions | 100 | 100 |
 
 ``all`` is S1 to S4 and IDLE; the storms (``bench/storm.py``) are named: 10,000 streams (fresh
 notification streams, fresh session streams with their snapshot, session streams resuming with
 ``Last-Event-ID``) opened as fast as the client can while 1,000 bystanders receive 100 events/s.
+MULTI8 and SINGLE8 (``bench/sessions.py``, named too) compare the multi-session stream with single
+session streams over the same seeded sessions and events.
 
 Layout on the machine (2 cores): the server under test alone on CPU 1 (``taskset``); Redis, the
 publisher and this client on CPU 0. Every target is a loopback address; every loop is bounded.

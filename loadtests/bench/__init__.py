@@ -6,6 +6,7 @@
 - ``reference``: the bare reference server subprocess (``python -m loadtests.bench.reference``).
 - ``targets``: the processes around a run: the server under test, nginx in front, py-spy.
 - ``report``: what a run measured, the table, ``summary.md`` and ``results.json``.
+- ``sessions``: the multi-session stream against single session streams (MULTI8, SINGLE8).
 
 Shared by the client and the processes it talks to: the names below.
 """
