@@ -35,8 +35,9 @@ from tests.support.redis_server import free_port
 PACKAGES = list(DEPLOYABLES)
 
 #: Under pytest-xdist the module's tests stay on one worker: ``built`` (two replayed image builds,
-#: seconds each) is then built once, not once per worker.
-pytestmark = pytest.mark.xdist_group("dockerfiles")
+#: seconds each) is then built once, not once per worker. Its set-up, charged to the first test,
+#: took over the suite's 120 s per-test timeout with two suites at once on a loaded machine.
+pytestmark = [pytest.mark.xdist_group("dockerfiles"), pytest.mark.timeout(300)]
 BASE_IMAGE = "python:3.11-slim"
 
 
