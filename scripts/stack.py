@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -47,6 +48,84 @@ def redis_server_argv(binary: str, port: int, folder: Path) -> list[str]:
     Also how the test suite starts its private Redis (``tests/support/redis_server.py``)."""
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
     return [*argv, "no", "--dir", str(folder), "--loglevel", "warning"]
+
+
+#: A cluster node's bus listens on its port + 10000, so a node's port must be at most this.
+CLUSTER_MAX_PORT = 65535 - 10000
+
+
+def free_cluster_ports(count: int) -> list[int]:
+    """``count`` loopback ports for cluster nodes: each free, and its bus port (+10000) free too.
+    Picked below :data:`CLUSTER_MAX_PORT` at random, away from the usual ephemeral range."""
+    rng = random.SystemRandom()
+    picked: list[int] = []
+    while len(picked) < count:
+        port = rng.randrange(20_000, CLUSTER_MAX_PORT)
+        taken = {q for p in picked for q in (p, p + 10_000)}
+        if port in taken or port + 10_000 in taken:
+            continue
+        if port_free(port) and port_free(port + 10_000):
+            picked.append(port)
+    return picked
+
+
+def cluster_node_argv(binary: str, port: int, folder: Path) -> list[str]:
+    """An in-memory Redis Cluster node on ``port`` (bus on port + 10000), state in ``folder``.
+
+    ``cluster-node-timeout 1000``: a dead master is failed over in about 2-3 s.
+    ``cluster-require-full-coverage no``: during a fail-over the healthy shards keep taking writes.
+    Diskless replication with no delay: a replica syncs at once and writes no RDB file.
+    """
+    return [
+        *redis_server_argv(binary, port, folder),
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", f"nodes-{port}.conf",
+        "--cluster-node-timeout", "1000",
+        "--cluster-require-full-coverage", "no",
+        "--repl-diskless-sync", "yes",
+        "--repl-diskless-sync-delay", "0",
+        "--repl-diskless-load", "on-empty-db",
+    ]  # fmt: skip
+
+
+def cluster_create_argv(ports: list[int], replicas: int = 1) -> list[str]:
+    """``redis-cli --cluster create``: the first ``len(ports) / (replicas + 1)`` become masters."""
+    cli = shutil.which("redis-cli") or "redis-cli"
+    nodes = [f"127.0.0.1:{port}" for port in ports]
+    return [
+        cli,
+        "--cluster",
+        "create",
+        *nodes,
+        "--cluster-replicas",
+        str(replicas),
+        "--cluster-yes",
+    ]
+
+
+def wait_cluster_ready(ports: list[int], timeout: float) -> None:
+    """Until every node says ``cluster_state:ok`` and every replica's link to its master is up."""
+    cli = shutil.which("redis-cli") or "redis-cli"
+    deadline = time.monotonic() + timeout
+    pending = list(ports)
+    while pending:
+        port = pending[0]
+        info = subprocess.run(
+            [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, check=False
+        ).stdout
+        repl = subprocess.run(
+            [cli, "-p", str(port), "info", "replication"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        synced = "role:master" in repl or "master_link_status:up" in repl
+        if "cluster_state:ok" in info and synced:
+            pending.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the cluster node on port {port} is not ready after {timeout}s")
+        time.sleep(0.05)
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
