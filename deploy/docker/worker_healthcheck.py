@@ -29,7 +29,7 @@ from rapidphoto_contract.settings import ConfigError, WorkerConfig
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="worker health check: %(message)s")
     try:
-        url = WorkerConfig.from_env().redis_url
+        url = WorkerConfig.from_env().queue_redis_url  # arq's health record
         redis = RedisSettings.from_dsn(url)
     except (ConfigError, ValueError) as exc:
         print(f"worker health check: {exc}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from redis.crc import key_slot
+
 from rapidphoto_contract import keys
 
 
@@ -17,20 +19,22 @@ def test_channel_prefixes() -> None:
 
 
 def test_session_data_keys() -> None:
-    assert keys.session_state_key("s1") == "rapidphoto:session:s1:state"
-    assert keys.session_photos_key("s1") == "rapidphoto:session:s1:photos"
-    assert keys.session_failures_key("s1") == "rapidphoto:session:s1:failures"
-    assert keys.session_log_key("s1") == "rapidphoto:session:s1:log"
-    assert keys.user_notifications_log_key("u1") == "rapidphoto:user:u1:notifications"
+    assert keys.session_state_key("s1") == "rapidphoto:{upload-session:s1}:state"
+    assert keys.session_photos_key("s1") == "rapidphoto:{upload-session:s1}:photos"
+    assert keys.session_failures_key("s1") == "rapidphoto:{upload-session:s1}:failures"
+    assert keys.session_log_key("s1") == "rapidphoto:{upload-session:s1}:log"
+    assert (
+        keys.user_notifications_log_key("u1") == "rapidphoto:{user-notifications:u1}:notifications"
+    )
 
 
 def test_session_keys_order_is_state_photos_failures_log() -> None:
     """The Lua scripts take KEYS in this order."""
     assert keys.session_keys("s1") == (
-        "rapidphoto:session:s1:state",
-        "rapidphoto:session:s1:photos",
-        "rapidphoto:session:s1:failures",
-        "rapidphoto:session:s1:log",
+        "rapidphoto:{upload-session:s1}:state",
+        "rapidphoto:{upload-session:s1}:photos",
+        "rapidphoto:{upload-session:s1}:failures",
+        "rapidphoto:{upload-session:s1}:log",
     )
 
 
@@ -58,7 +62,21 @@ def test_field_names() -> None:
         keys.STATE_FAILED,
         keys.STATE_STATUS,
         keys.STATE_FAILURE_SEQ,
-    ) == ("owner", "total", "uploaded", "failed", "status", "fseq")
+        keys.STATE_PENDING_NOTIFICATION,
+    ) == ("owner", "total", "uploaded", "failed", "status", "fseq", "notify")
     assert keys.PHOTO_UPLOADED_MARK == "U"
     assert keys.PHOTO_FAILED_PREFIX == "F:"
     assert (keys.LOG_FIELD_TYPE, keys.LOG_FIELD_DATA) == ("type", "data")
+
+
+def test_a_sessions_keys_and_channel_share_one_cluster_slot() -> None:
+    """PROTOCOL §9: the hash tag is the channel name, so one script can touch a session's keys and
+    SPUBLISH on its channel on a cluster; likewise a user's."""
+    for sid in ("s1", "a" * 128, "x-_9"):
+        slots = {key_slot(k.encode()) for k in keys.session_keys(sid)}
+        assert slots == {key_slot(keys.session_channel(sid).encode())}
+    user = [keys.user_notifications_log_key("u1"), keys.session_completion_key("u1", "s1")]
+    assert {key_slot(k.encode()) for k in user} == {key_slot(b"user-notifications:u1")}
+    assert (
+        keys.session_completion_key("u1", "s1") == "rapidphoto:{user-notifications:u1}:completed:s1"
+    )

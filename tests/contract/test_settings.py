@@ -31,6 +31,10 @@ def test_defaults_match_the_spec_table() -> None:
     assert worker == WorkerConfig()
     assert attrs.asdict(s) | attrs.asdict(worker) == {
         "redis_url": "redis://127.0.0.1:6379/0",
+        "redis_cluster": False,
+        "queue_redis_url": "redis://127.0.0.1:6379/0",
+        "redis_wait_replicas": 0,
+        "redis_wait_timeout_ms": 200,
         "jwt_secret": None,
         "jwt_public_key": None,
         "jwt_algorithms": ("HS256",),
@@ -61,6 +65,10 @@ def test_blank_values_mean_the_default() -> None:
     blank = dict.fromkeys(
         (
             "REDIS_URL",
+            "REDIS_CLUSTER",
+            "QUEUE_REDIS_URL",
+            "REDIS_WAIT_REPLICAS",
+            "REDIS_WAIT_TIMEOUT_MS",
             "JWT_SECRET",
             "JWT_PUBLIC_KEY",
             "JWT_ISSUER",
@@ -119,15 +127,25 @@ def test_every_variable_is_parsed(rsa_keys: KeyPair) -> None:
         "RELAY_DEMO": "1",
         "SESSION_TTL_SECONDS": "3600",
         "SESSION_LOG_MAXLEN": "200",
+        "REDIS_CLUSTER": "1",
+        "QUEUE_REDIS_URL": "redis://queue.internal:6379/0",
+        "REDIS_WAIT_REPLICAS": "1",
+        "REDIS_WAIT_TIMEOUT_MS": "500",
     }
     assert WorkerConfig.from_env(env) == WorkerConfig(
         redis_url="rediss://user:pw@redis.internal:6380/3",
+        redis_cluster=True,
+        queue_redis_url="redis://queue.internal:6379/0",
+        redis_wait_replicas=1,
+        redis_wait_timeout_ms=500,
         session_ttl_seconds=3600,
         session_log_maxlen=200,
     )
     s = RelayConfig.from_env(env)
     assert s == RelayConfig(
         redis_url="rediss://user:pw@redis.internal:6380/3",
+        redis_cluster=True,
+        queue_redis_url="redis://queue.internal:6379/0",
         jwt_secret=SECRET,
         jwt_public_key=rsa_keys.public_pem.strip(),
         jwt_algorithms=("HS256", "RS256", "ES256"),
@@ -164,8 +182,9 @@ def test_settings_are_frozen() -> None:
 
 
 def reader_of(name: str) -> type[RelayConfig | WorkerConfig]:
-    """The process that reads ``name``: the worker the SESSION_* ones, the relay the rest."""
-    return WorkerConfig if name.startswith("SESSION_") else RelayConfig
+    """The process that reads ``name``: the worker the SESSION_* and REDIS_WAIT_* ones, the relay
+    the rest."""
+    return WorkerConfig if name.startswith(("SESSION_", "REDIS_WAIT_")) else RelayConfig
 
 
 INT_VARS = [
@@ -183,6 +202,8 @@ INT_VARS = [
     ("RELAY_WORKERS", 1, 64),
     ("SESSION_TTL_SECONDS", 1, 10 * 365 * 86_400),
     ("SESSION_LOG_MAXLEN", 1, 10_000_000),
+    ("REDIS_WAIT_REPLICAS", 0, 16),
+    ("REDIS_WAIT_TIMEOUT_MS", 1, 60_000),
 ]
 
 
@@ -496,3 +517,32 @@ def test_a_variable_means_the_same_in_every_group_that_reads_it(rsa_keys: KeyPai
 @pytest.mark.parametrize("raw", ["auto", "AUTO", " auto "])
 def test_relay_workers_auto_is_one_per_usable_cpu(raw: str) -> None:
     assert RelayConfig.from_env({"RELAY_WORKERS": raw}).relay_workers == usable_cpus()
+
+
+def test_the_queue_is_on_redis_url_unless_queue_redis_url_says_otherwise() -> None:
+    assert RedisConfig.from_env({"REDIS_URL": "redis://a:1/2"}).queue_redis_url == "redis://a:1/2"
+    assert RedisConfig(redis_url="redis://a:1/2").queue_redis_url == "redis://a:1/2"
+    standalone = RedisConfig.from_env(
+        {"REDIS_URL": "redis://a:1", "QUEUE_REDIS_URL": "redis://q:2"}
+    )
+    assert (standalone.redis_cluster, standalone.queue_redis_url) == (False, "redis://q:2")
+    with pytest.raises(ConfigError, match=r"^QUEUE_REDIS_URL: must start with"):
+        RedisConfig.from_env({"QUEUE_REDIS_URL": "http://q"})
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "problem"),
+    [
+        ({}, "QUEUE_REDIS_URL", "required with REDIS_CLUSTER=1"),
+        ({"QUEUE_REDIS_URL": "redis://n:7000/0"}, "QUEUE_REDIS_URL", "standalone"),
+        ({"REDIS_URL": "unix:///r.sock", "QUEUE_REDIS_URL": "redis://q"}, "REDIS_URL", "node"),
+        ({"REDIS_CLUSTER": "maybe"}, "REDIS_CLUSTER", "expected 0 or 1"),
+    ],
+)
+def test_cluster_mode_needs_a_queue_redis_of_its_own(
+    env: dict[str, str], variable: str, problem: str
+) -> None:
+    """PROTOCOL §9: arq has no cluster support, so the queue lives on a standalone Redis."""
+    with pytest.raises(ConfigError, match=problem) as info:
+        WorkerConfig.from_env({"REDIS_CLUSTER": "1", "REDIS_URL": "redis://n:7000/0", **env})
+    assert info.value.variable == variable

@@ -106,14 +106,23 @@ def test_settings_variables_are_spec_section_2() -> None:
     names = settings_variables()
     assert {"REDIS_URL", "JWT_SECRET", "RELAY_PORT", "SESSION_LOG_MAXLEN"} <= names
     # PROTOCOL §2's table: 19 names; the request head deadline and pending cap (issue 9);
-    # RELAY_WORKERS (issue 12); RELAY_MAX_SESSIONS_PER_STREAM (issue 11)
-    assert len(names) == 23
+    # RELAY_WORKERS (issue 12); RELAY_MAX_SESSIONS_PER_STREAM (issue 11); the cluster mode's
+    # four (issue 13)
+    assert len(names) == 27
 
 
 def test_each_deployable_reads_what_it_uses() -> None:
     relay, worker = variables_read_by(RelayConfig), variables_read_by(WorkerConfig)
-    assert relay & worker == {"REDIS_URL"}
-    assert worker == {"REDIS_URL", "SESSION_TTL_SECONDS", "SESSION_LOG_MAXLEN"}
+    assert relay & worker == {"REDIS_URL", "REDIS_CLUSTER", "QUEUE_REDIS_URL"}
+    assert worker == {
+        "REDIS_URL",
+        "REDIS_CLUSTER",
+        "QUEUE_REDIS_URL",
+        "REDIS_WAIT_REPLICAS",
+        "REDIS_WAIT_TIMEOUT_MS",
+        "SESSION_TTL_SECONDS",
+        "SESSION_LOG_MAXLEN",
+    }
 
 
 # --- schema ----------------------------------------------------------------------------------------
@@ -170,7 +179,8 @@ def test_every_relay_setting_is_configurable(compose: dict[str, Any]) -> None:
 def test_workers_get_no_secrets(compose: dict[str, Any]) -> None:
     for name, service in services(compose, "rapidphoto-worker"):
         env = environment_of(service)
-        assert set(env) == {"REDIS_URL", "SESSION_TTL_SECONDS", "SESSION_LOG_MAXLEN"}, name
+        assert set(env) == variables_read_by(WorkerConfig), name
+        assert not any(n.startswith("JWT_") for n in env), name
 
 
 def test_compose_defaults_are_the_spec_defaults() -> None:

@@ -6,6 +6,8 @@ expected events were appended and published, once each, byte-identical to the co
 
 from __future__ import annotations
 
+import json
+
 import arq
 import pytest
 import redis.asyncio as aioredis
@@ -31,7 +33,13 @@ from rapidphoto_worker.commands import CommandResult
 from rapidphoto_worker.context import WorkerContext
 from rapidphoto_worker.errors import SessionConflict, SessionNotFound, TooManyPhotos
 from tests.support.redis_server import RedisServer
-from tests.support.worker import our_keys, session_log, worker_context, worker_settings
+from tests.support.worker import (
+    notification_log,
+    our_keys,
+    session_log,
+    worker_context,
+    worker_settings,
+)
 from tests.worker.conftest import SESSION, USER, Harness
 
 IN_PROGRESS, COMPLETED = "IN_PROGRESS", "COMPLETED"
@@ -374,25 +382,86 @@ async def test_the_wait_window_can_be_shortened(
         await commands.complete_photo_upload(app, CompletePhotoUpload(session_id="x", photo_id="p"))
 
 
-async def test_a_session_started_again_by_someone_else_gets_its_owner_reread(
+async def test_a_session_started_again_by_someone_else_notifies_its_new_owner(
     h: Harness, redis_client: aioredis.Redis
 ) -> None:
-    """The worker remembers owners; a session that expired and was started again by another user
-    must not send the new owner's completion to the old owner's notification log."""
+    """The completion's notification goes to the owner the session has when it completes: one
+    that expired and was started again by another user notifies the new one."""
     await h.start(2)
-    await h.upload("p1")  # the owner u1 is now remembered
+    await h.upload("p1")
     await redis_client.delete(*keys.session_keys(SESSION))  # as if it expired
     await h.start(1, user="u2")
-
-    with pytest.raises(arq.Retry):  # the script saw the owner changed; nothing was written
-        await h.upload("p2")
-    assert (await h.state())[keys.STATE_UPLOADED] == "0"
 
     result = await h.upload("p2")
 
     assert result.completed
     assert await redis_client.xlen(keys.user_notifications_log_key("u2")) == 1
     assert await redis_client.xlen(keys.user_notifications_log_key(USER)) == 0
+
+
+# --- the completion's steps (PROTOCOL §9) ---------------------------------------------------------
+
+
+async def _step_one(h: Harness, photo: str) -> list[str]:
+    """Only the photo script, as a worker that dies right after it leaves things."""
+    app = h.app
+    return list(
+        await app.state.run(
+            app.scripts.complete_photo_upload,
+            keys.session_keys(SESSION),
+            [app.state.publish, SESSION, photo, commands.occurred_at(), 1000, 3600, "c"],
+        )
+    )
+
+
+async def test_a_worker_dead_after_the_first_step_leaves_the_notification_pending_and_the_retry_writes_it_once(
+    h: Harness, redis_client: aioredis.Redis
+) -> None:
+    await h.start(1)
+    reply = await _step_one(h, "p1")
+    assert reply[:2] == ["applied", USER]
+    assert reply[2]  # the mark is in the reply
+    pending = await redis_client.hget(
+        keys.session_state_key(SESSION), keys.STATE_PENDING_NOTIFICATION
+    )
+    assert pending == reply[2]
+    assert await redis_client.xlen(keys.user_notifications_log_key(USER)) == 0
+
+    retried = await h.upload("p1")  # the job again: a duplicate, which finishes the completion
+    again = await h.upload("p1")
+
+    assert retried.outcome == "duplicate"
+    assert retried.notification_id is not None
+    assert again.notification_id is None  # the mark is gone: nothing more to do
+    notes = await notification_log(redis_client, USER)
+    assert [entry_id for entry_id, _, _ in notes] == [retried.notification_id]
+    note = json.loads(notes[0][2])
+    completed_id = reply[2].split(" ")[0]
+    assert (note["sessionId"], note["totalPhotos"], note["uploadedPhotos"]) == (SESSION, 1, 1)
+    assert completed_id == reply[4]  # the SESSION_COMPLETED of the first step
+    state = await h.state()
+    assert keys.STATE_PENDING_NOTIFICATION not in state
+
+
+async def test_a_worker_dead_between_the_second_and_third_steps_writes_nothing_twice(
+    h: Harness, redis_client: aioredis.Redis
+) -> None:
+    await h.start(1)
+    reply = await _step_one(h, "p1")
+    app = h.app
+    # Step 2 by hand, as the dead worker ran it; then the mark is still there.
+    first = await commands._notify_step(app, SESSION, USER, reply[2])
+    assert await redis_client.hexists(
+        keys.session_state_key(SESSION), keys.STATE_PENDING_NOTIFICATION
+    )
+
+    retried = await h.upload("p1")
+
+    assert retried.notification_id == first
+    assert [e for e, _, _ in await notification_log(redis_client, USER)] == [first]
+    assert not await redis_client.hexists(
+        keys.session_state_key(SESSION), keys.STATE_PENDING_NOTIFICATION
+    )
 
 
 # --- transient errors -----------------------------------------------------------------------------
@@ -416,7 +485,6 @@ async def test_a_transient_redis_error_is_retried_and_redis_coming_back_works(
             await commands.complete_photo_upload(app, cmd, job_try=commands.MAX_TRIES)
 
         own_redis.start()  # empty: no data, no scripts loaded
-        app.owners.forget(SESSION)
         with pytest.raises(arq.Retry):  # the session is gone with the data: not started yet
             await commands.complete_photo_upload(app, cmd)
         # EVALSHA finds no script on the new server; redis-py loads it again (NOSCRIPT fallback).

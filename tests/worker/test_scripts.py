@@ -7,16 +7,18 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from rapidphoto_contract import events, keys, lua_scripts
-from rapidphoto_contract.jobs import JOB_NAMES
 from rapidphoto_worker import scripts
 from rapidphoto_worker.context import WorkerContext
+from rapidphoto_worker.state import StateRedis
 
 
-@pytest.mark.parametrize("name", JOB_NAMES)
+@pytest.mark.parametrize("name", scripts.SCRIPT_NAMES)
 def test_each_script_is_the_contract_lua_then_lib_then_the_command(name: str) -> None:
     source = scripts.script_source(name)
 
     assert source == lua_scripts.build(scripts._read("lib.lua"), scripts._read(f"{name}.lua"))
+    # PROTOCOL §9: a shebang, so a cluster refuses any key outside the script's one slot.
+    assert source.startswith("#!lua\n")
     # Field names, marks and event types come from the contract, not from the Lua files.
     assert f'local F_OWNER = "{keys.STATE_OWNER}"' in source
     assert f'local FAILED_PREFIX = "{keys.PHOTO_FAILED_PREFIX}"' in source
@@ -35,7 +37,7 @@ def test_each_script_is_the_contract_lua_then_lib_then_the_command(name: str) ->
 
 def test_the_worker_lua_never_touches_the_state_encoding_itself() -> None:
     # The hash fields and photo marks are the contract's session_state.lua's alone (issue 10).
-    for name in ("lib.lua", *(f"{job}.lua" for job in JOB_NAMES)):
+    for name in ("lib.lua", *(f"{job}.lua" for job in scripts.SCRIPT_NAMES)):
         own = scripts._read(name)
         for constant in ("F_OWNER", "F_TOTAL", "F_STATUS", "UPLOADED_MARK", "FAILED_PREFIX"):
             assert constant not in own, f"{name} uses {constant}"
@@ -44,7 +46,7 @@ def test_the_worker_lua_never_touches_the_state_encoding_itself() -> None:
 
 
 def test_every_constant_is_used() -> None:
-    lua = "".join(scripts.script_source(name) for name in JOB_NAMES)
+    lua = "".join(scripts.script_source(name) for name in scripts.SCRIPT_NAMES)
     for name in lua_scripts.CONSTANTS:
         assert f"local {name} = " in lua
         assert lua.count(name) > 1, f"{name} is defined but never used"
@@ -55,19 +57,15 @@ def test_unknown_scripts_and_unsafe_constants_are_refused(monkeypatch: pytest.Mo
         scripts.script_source("drop_everything")
     monkeypatch.setitem(lua_scripts.CONSTANTS, "F_OWNER", 'own"er\n')
     with pytest.raises(ValueError, match="printable ASCII"):
-        scripts.script_source(JOB_NAMES[0])
+        scripts.script_source(scripts.SCRIPT_NAMES[0])
 
 
 async def test_loading_puts_every_script_in_the_server(
     app: WorkerContext, redis_client: aioredis.Redis
 ) -> None:
-    loaded = [
-        app.scripts.start_upload_session,
-        app.scripts.complete_photo_upload,
-        app.scripts.fail_photo_upload,
-    ]
-    assert await redis_client.script_exists(*(s.sha for s in loaded)) == [True, True, True]
-    assert len({s.sha for s in loaded}) == 3
+    loaded = [getattr(app.scripts, name) for name in scripts.SCRIPT_NAMES]
+    assert await redis_client.script_exists(*(s.sha for s in loaded)) == [True] * len(loaded)
+    assert len({s.sha for s in loaded}) == len(scripts.SCRIPT_NAMES) == 5
 
 
 async def test_a_script_that_does_not_compile_fails_at_load_not_at_the_first_job(
@@ -80,4 +78,4 @@ async def test_a_script_that_does_not_compile_fails_at_load_not_at_the_first_job
 
     monkeypatch.setattr(scripts, "_read", broken)
     with pytest.raises(redis_errors.ResponseError, match="compiling"):
-        await scripts.load_scripts(redis_client)
+        await scripts.load_scripts(StateRedis(redis_client))

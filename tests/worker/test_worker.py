@@ -8,6 +8,7 @@ from typing import Any
 import arq
 import redis.asyncio as aioredis
 
+from rapidphoto_contract import keys
 from rapidphoto_tools.client import UploadJobsClient
 from rapidphoto_worker.context import CTX_KEY
 from rapidphoto_worker.worker import BatchClaimWorker
@@ -64,7 +65,7 @@ async def test_never_runs_more_than_max_jobs_at_once_and_runs_them_all(
     await run_worker_burst(redis_url, max_jobs=3, on_job_start=on_start, on_job_end=on_end)
 
     assert most == 3
-    assert await redis_client.hget("rapidphoto:session:s1:state", "uploaded") == "60"
+    assert await redis_client.hget(keys.session_state_key("s1"), "uploaded") == "60"
 
 
 async def test_shares_a_queue_with_stock_arq_workers_without_running_a_job_twice(
@@ -100,7 +101,7 @@ async def test_shares_a_queue_with_stock_arq_workers_without_running_a_job_twice
     assert stock.jobs_complete > 0
     assert batch.jobs_complete > 0
     assert sorted(runs) == sorted([start, *ids])  # each job ran once, by one of the two
-    assert await redis_client.hget("rapidphoto:session:s1:state", "uploaded") == "500"
+    assert await redis_client.hget(keys.session_state_key("s1"), "uploaded") == "500"
 
 
 async def test_waits_while_redis_is_out_of_memory_and_then_runs_every_job_once(
@@ -141,7 +142,7 @@ async def test_waits_while_redis_is_out_of_memory_and_then_runs_every_job_once(
             await wait_for(finished, 10, "every job finished")
             assert worker.jobs_complete == 4
             assert not dead()
-        log: list[tuple[str, dict[str, str]]] = await admin.xrange("rapidphoto:session:s1:log")  # type: ignore[assignment]
+        log: list[tuple[str, dict[str, str]]] = await admin.xrange(keys.session_log_key("s1"))  # type: ignore[assignment]
     assert [fields["type"] for _, fields in log] == [
         "SESSION_STARTED",
         "PHOTO_UPLOADED",

@@ -9,9 +9,14 @@ raises:
 - ``arq.Retry``: try the job again later, for transient Redis errors and for photo jobs whose session
   has not been started yet (jobs can overtake each other across workers).
 
-The scripts do all the deciding atomically; Python only reads the session's owner first, because the
-owner names the notification log a photo script may write to (a script may only touch the keys it
-is given).
+The scripts do all the deciding atomically, each on the keys of one slot (PROTOCOL §9). A photo
+command that completes a session therefore runs in steps: (1) the photo script (the session's slot)
+records the photo, publishes its event and ``SESSION_COMPLETED``, and marks the owner's notification
+pending, atomically; (2) ``notify_session_completed`` (the owner's slot) writes and publishes the
+notification unless its record says it did already; (3) ``clear_completion`` (the session's slot)
+removes the mark. A worker that dies anywhere in between leaves the mark, which the retried job
+(its photo script is then a duplicate, but it reports the mark) or any later photo command of the
+session sees, and finishes: the notification is written exactly once.
 """
 
 from __future__ import annotations
@@ -28,26 +33,28 @@ from arq import Retry
 from redis import exceptions as redis_errors
 
 from rapidphoto_contract import keys
-from rapidphoto_contract.ids import is_valid_id
 from rapidphoto_contract.jobs import (
     CompletePhotoUpload,
     FailPhotoUpload,
     StartUploadSession,
 )
 from rapidphoto_worker.context import WorkerContext
-from rapidphoto_worker.errors import CommandError, SessionConflict, SessionNotFound, TooManyPhotos
+from rapidphoto_worker.errors import SessionConflict, SessionNotFound, TooManyPhotos
 
 # --- retries -------------------------------------------------------------------------------------
 
 #: Worth retrying: the server is unreachable, slow, still loading its data set after a restart
-#: (BusyLoadingError is a ConnectionError), a replica during a fail-over, a cluster slot moving, or
-#: out of memory (``maxmemory`` with ``noeviction`` refuses a script before its first write, so
-#: nothing changed; memory is freed by expiring sessions or an operator).
+#: (BusyLoadingError is a ConnectionError), a replica during a fail-over, a cluster slot moving or
+#: a cluster fail-over under way (CLUSTERDOWN), too few replicas confirming a write in time
+#: (state.ReplicationTimeout, a TimeoutError), or out of memory (``maxmemory`` with ``noeviction``
+#: refuses a script before it runs, so nothing changed; memory is freed by expiring sessions or an
+#: operator).
 TRANSIENT_ERRORS: Final = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.ReadOnlyError,
     redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
     redis_errors.OutOfMemoryError,
 )
 #: ConnectionError subclasses that a retry will not fix: wrong credentials or ACL rules.
@@ -119,7 +126,8 @@ class CommandResult:
     outcome: Outcome
     #: Entries appended to the session's log, oldest first (the photo event, then SESSION_COMPLETED).
     event_ids: tuple[str, ...] = ()
-    #: The notification appended to the owner's log when this command completed the session.
+    #: The notification of the session's completion, when this command completed the session or
+    #: found its notification pending (and wrote it, or found it written by another).
     notification_id: str | None = None
 
     @property
@@ -144,12 +152,8 @@ def _reply(raw: object) -> list[str]:
 
 
 def _applied(reply: Sequence[str]) -> CommandResult:
-    # {'applied', session event id[, SESSION_COMPLETED id, notification id]}
-    return CommandResult(
-        outcome="applied",
-        event_ids=tuple(reply[1:3]),
-        notification_id=reply[3] if len(reply) > 3 else None,
-    )
+    # {'applied', session event id} of start_upload_session
+    return CommandResult(outcome="applied", event_ids=tuple(reply[1:]))
 
 
 # --- the commands --------------------------------------------------------------------------------
@@ -167,9 +171,11 @@ async def start_upload_session(
     """Create the session and publish ``SESSION_STARTED``; same owner and total again: duplicate."""
     settings = app.settings
     with _retry_transient(job_try):
-        raw = await app.scripts.start_upload_session(
-            keys=[*keys.session_keys(cmd.session_id), keys.user_notifications_log_key(cmd.user_id)],
-            args=[
+        raw = await app.state.run(
+            app.scripts.start_upload_session,
+            keys.session_keys(cmd.session_id),
+            [
+                app.state.publish,
                 cmd.session_id,
                 cmd.user_id,
                 cmd.total_photos,
@@ -192,73 +198,89 @@ async def start_upload_session(
     raise RuntimeError(f"unexpected script reply {reply!r}")
 
 
-async def _owner(app: WorkerContext, session_id: str) -> str | None:
-    """The session's owner (remembered, see OwnerCache), or None if the session does not exist."""
-    owner = app.owners.get(session_id)
-    if owner is not None:
-        return owner
-    stored = await app.redis.hget(keys.session_state_key(session_id), keys.STATE_OWNER)
-    if stored is None:
-        return None
-    if not isinstance(stored, str) or not is_valid_id(stored):
-        raise CommandError(f"session {session_id!r} has a corrupt owner field; nothing changed")
-    app.owners.put(session_id, stored)
-    return stored
-
-
-def _photo_call(app: WorkerContext, session_id: str, photo_id: str, owner: str) -> dict[str, Any]:
-    """KEYS and the ARGV prefix shared by the photo scripts (see ``photo_args`` in lib.lua)."""
+def _photo_args(app: WorkerContext, session_id: str, photo_id: str) -> list[str | int]:
+    """The ARGV prefix shared by the photo scripts (see ``photo_args`` in lib.lua)."""
     settings = app.settings
-    return {
-        "keys": [*keys.session_keys(session_id), keys.user_notifications_log_key(owner)],
-        "args": [
-            session_id,
-            photo_id,
+    return [
+        app.state.publish,
+        session_id,
+        photo_id,
+        occurred_at(),
+        settings.session_log_maxlen,
+        settings.session_ttl_seconds,
+        keys.session_channel(session_id),
+    ]
+
+
+async def _photo_command(
+    app: WorkerContext, session_id: str, photo_id: str, job_try: int, script: Any, extra: list[str]
+) -> CommandResult:
+    """Run a photo script, then, if the session's notification is pending, the completion's steps."""
+    with _retry_transient(job_try):
+        raw = await app.state.run(
+            script, keys.session_keys(session_id), [*_photo_args(app, session_id, photo_id), *extra]
+        )
+        reply = _reply(raw)
+        status = reply[0]
+        if status == "too_many":
+            raise TooManyPhotos(
+                f"session {session_id!r} already has total_photos distinct photos; "
+                f"photo {photo_id!r} would be one more; nothing changed"
+            )
+        if status == "not_found":  # never started, or expired
+            raise _session_missing(session_id, job_try)
+        if status not in ("applied", "duplicate"):
+            raise RuntimeError(f"unexpected script reply {reply!r}")
+        outcome: Outcome = "applied" if status == "applied" else "duplicate"
+        # {status, owner, pending notification or '', event ids...}
+        owner, pending, event_ids = reply[1], reply[2], tuple(reply[3:])
+        notification_id = await _notify(app, session_id, owner, pending) if pending else None
+    return CommandResult(outcome=outcome, event_ids=event_ids, notification_id=notification_id)
+
+
+async def _notify(app: WorkerContext, session_id: str, owner: str, pending: str) -> str:
+    """The completion's steps 2 and 3 (module docstring): the notification id."""
+    notification_id = await _notify_step(app, session_id, owner, pending)
+    await app.state.run(app.scripts.clear_completion, keys.session_keys(session_id), [pending])
+    return notification_id
+
+
+async def _notify_step(app: WorkerContext, session_id: str, owner: str, pending: str) -> str:
+    """The completion's step 2: write the notification (once): its id."""
+    completed_id, when, total, uploaded, failed = pending.split(" ")
+    raw = await app.state.run(
+        app.scripts.notify_session_completed,
+        [
+            keys.user_notifications_log_key(owner),
+            keys.session_completion_key(owner, session_id),
+        ],
+        [
+            app.state.publish,
             owner,
-            occurred_at(),
-            settings.session_log_maxlen,
-            settings.session_ttl_seconds,
-            keys.session_channel(session_id),
+            session_id,
+            completed_id,
+            when,
+            total,
+            uploaded,
+            failed,
+            app.settings.session_log_maxlen,
+            app.settings.session_ttl_seconds,
             keys.notification_channel(owner),
         ],
-    }
-
-
-def _photo_result(
-    app: WorkerContext, raw: object, session_id: str, photo_id: str, job_try: int
-) -> CommandResult:
+    )
     reply = _reply(raw)
-    status = reply[0]
-    if status in ("not_found", "owner_changed"):
-        app.owners.forget(session_id)
-    if status == "applied":
-        return _applied(reply)
-    if status == "duplicate":
-        return DUPLICATE
-    if status == "too_many":
-        raise TooManyPhotos(
-            f"session {session_id!r} already has total_photos distinct photos; "
-            f"photo {photo_id!r} would be one more; nothing changed"
-        )
-    if status == "not_found":  # expired or deleted since we read its owner
-        raise _session_missing(session_id, job_try)
-    if status == "owner_changed":  # expired and started again by someone else: read it again
-        raise Retry(defer=backoff_seconds(1))
-    raise RuntimeError(f"unexpected script reply {reply!r}")
+    if reply[0] not in ("applied", "duplicate"):
+        raise RuntimeError(f"unexpected script reply {reply!r}")
+    return reply[1]
 
 
 async def complete_photo_upload(
     app: WorkerContext, cmd: CompletePhotoUpload, job_try: int = 1
 ) -> CommandResult:
     """Mark the photo uploaded (moving it out of the failures if it had failed), publish it."""
-    with _retry_transient(job_try):
-        owner = await _owner(app, cmd.session_id)
-        if owner is None:
-            raise _session_missing(cmd.session_id, job_try)
-        raw = await app.scripts.complete_photo_upload(
-            **_photo_call(app, cmd.session_id, cmd.photo_id, owner)
-        )
-    return _photo_result(app, raw, cmd.session_id, cmd.photo_id, job_try)
+    return await _photo_command(
+        app, cmd.session_id, cmd.photo_id, job_try, app.scripts.complete_photo_upload, []
+    )
 
 
 def _reason_json(reason: str) -> str:
@@ -273,13 +295,11 @@ async def fail_photo_upload(
     app: WorkerContext, cmd: FailPhotoUpload, job_try: int = 1
 ) -> CommandResult:
     """Mark the photo failed and publish it; a photo already uploaded or failed: duplicate."""
-    reason_json = _reason_json(cmd.reason)
-    with _retry_transient(job_try):
-        owner = await _owner(app, cmd.session_id)
-        if owner is None:
-            raise _session_missing(cmd.session_id, job_try)
-        call = _photo_call(app, cmd.session_id, cmd.photo_id, owner)
-        raw = await app.scripts.fail_photo_upload(
-            keys=call["keys"], args=[*call["args"], cmd.reason, reason_json]
-        )
-    return _photo_result(app, raw, cmd.session_id, cmd.photo_id, job_try)
+    return await _photo_command(
+        app,
+        cmd.session_id,
+        cmd.photo_id,
+        job_try,
+        app.scripts.fail_photo_upload,
+        [cmd.reason, _reason_json(cmd.reason)],
+    )

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Final, Self
 
 import attrs
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from rapidphoto_contract.redis_cancel import cancel_safe
 from rapidphoto_contract.redis_options import pool_options
 from rapidphoto_contract.settings import WorkerConfig
 from rapidphoto_worker.scripts import Scripts, load_scripts
+from rapidphoto_worker.state import StateRedis
 
 #: Where the :class:`WorkerContext` lives in arq's ``ctx`` dict.
 CTX_KEY: Final = "rapidphoto"
@@ -26,71 +27,54 @@ SOCKET_CONNECT_TIMEOUT_SECONDS: Final = 1.0
 SOCKET_TIMEOUT_SECONDS: Final = 2.0
 
 
-#: Sessions whose owner a process remembers (a few hundred bytes each).
-OWNER_CACHE_SIZE: Final = 10_000
-
-
-class OwnerCache:
-    """Session id -> owner, most recently used kept.
-
-    A photo command must name the owner's notification log in its script's KEYS, so it needs the
-    owner before the script runs: a round trip per job, unless remembered. The owner of a session
-    never changes once set; should the session expire and be started again by someone else, the
-    script sees the mismatch, changes nothing, and the command forgets the entry and tries again.
-    """
-
-    def __init__(self, maxsize: int = OWNER_CACHE_SIZE) -> None:
-        self._maxsize = maxsize
-        self._owners: OrderedDict[str, str] = OrderedDict()
-
-    def get(self, session_id: str) -> str | None:
-        owner = self._owners.get(session_id)
-        if owner is not None:
-            self._owners.move_to_end(session_id)
-        return owner
-
-    def put(self, session_id: str, owner: str) -> None:
-        self._owners[session_id] = owner
-        self._owners.move_to_end(session_id)
-        if len(self._owners) > self._maxsize:
-            self._owners.popitem(last=False)
-
-    def forget(self, session_id: str) -> None:
-        self._owners.pop(session_id, None)
-
-    def __len__(self) -> int:
-        return len(self._owners)
-
-
 @attrs.frozen(kw_only=True)
 class WorkerContext:
-    """The process's settings, its Redis client (``str`` replies), the loaded command scripts and
-    the session owners it has seen."""
+    """The process's settings, the state's Redis (``str`` replies) and the loaded scripts."""
 
     settings: WorkerConfig
-    redis: aioredis.Redis = attrs.field(repr=False)
+    state: StateRedis = attrs.field(repr=False)
     scripts: Scripts = attrs.field(repr=False)
-    owners: OwnerCache = attrs.field(factory=OwnerCache, repr=False)
 
     @classmethod
     async def create(cls, settings: WorkerConfig) -> Self:
-        client = aioredis.Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
-            socket_timeout=SOCKET_TIMEOUT_SECONDS,
-            **pool_options(),
+        state = StateRedis(
+            await state_client(settings),
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
         )
-        cancel_safe(client.connection_pool)  # a cancelled job's Redis call ends with it
         try:
-            scripts = await load_scripts(client)
+            scripts = await load_scripts(state)
         except BaseException:
-            await client.aclose()
+            await state.aclose()
             raise
-        return cls(settings=settings, redis=client, scripts=scripts)
+        return cls(settings=settings, state=state, scripts=scripts)
 
     async def aclose(self) -> None:
-        await self.redis.aclose()
+        await self.state.aclose()
+
+
+async def state_client(settings: WorkerConfig) -> aioredis.Redis | RedisCluster:
+    """The client of ``REDIS_URL``: a ``Redis``, or with ``REDIS_CLUSTER=1`` a ``RedisCluster``
+    that has read the slot map (PROTOCOL §9)."""
+    timeouts: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
+        "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+    }
+    if not settings.redis_cluster:
+        client = aioredis.Redis.from_url(settings.redis_url, **timeouts, **pool_options())
+        cancel_safe(client.connection_pool)  # a cancelled job's Redis call ends with it
+        return client
+    # A failed command is the job's to retry (commands.TRANSIENT_ERRORS),
+    # with backoff, by when a fail-over is over. A partly covered cluster (a master just died) is
+    # still usable for the other slots.
+    cluster = RedisCluster.from_url(settings.redis_url, **timeouts, require_full_coverage=False)
+    try:
+        await cluster.initialize()
+    except BaseException:
+        await cluster.aclose()
+        raise
+    return cluster
 
 
 def from_ctx(ctx: Mapping[str, Any]) -> WorkerContext:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Final
 from arq import Retry, func
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Function, get_kwargs
+from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.backoff import EqualJitterBackoff
 
@@ -36,7 +37,7 @@ from rapidphoto_contract.jobs import (
     serialize_job,
 )
 from rapidphoto_contract.logs import FIELDS
-from rapidphoto_contract.redis_options import retry_policy
+from rapidphoto_contract.redis_options import pool_options, retry_policy
 from rapidphoto_contract.settings import ConfigError, WorkerConfig
 from rapidphoto_worker import commands
 from rapidphoto_worker.commands import CommandResult
@@ -85,17 +86,34 @@ SETTINGS_CTX_KEY: Final = "rapidphoto_settings"
 # --- lifecycle -----------------------------------------------------------------------------------
 
 
-async def _check_same_redis(pool: ArqRedis, app: WorkerContext) -> None:
-    # arq takes jobs from its own pool; the scripts run on ours. Under `arq <module>.WorkerSettings`
-    # arq's pool does not come from REDIS_URL, so make sure both reach the same server and database.
-    queue_info, state_info = await pool.info("server"), await app.redis.info("server")
-    queue_db = pool.connection_pool.connection_kwargs.get("db", 0)
-    state_db = app.redis.connection_pool.connection_kwargs.get("db", 0)
-    if (queue_info.get("run_id"), int(queue_db)) != (state_info.get("run_id"), int(state_db)):
+async def _check_queue_redis(pool: ArqRedis, settings: WorkerConfig) -> None:
+    """The queue rule, for both modes (PROTOCOL §2, §9): arq takes jobs from the server and database
+    ``QUEUE_REDIS_URL`` names (``REDIS_URL`` unless set), and that is a standalone Redis.
+
+    Under ``arq <module>.WorkerSettings`` arq's pool does not come from our variables: a worker
+    polling another queue than the pipeline fills would never run a job. And arq runs WATCH/MULTI
+    over keys of many slots, which a cluster node refuses (arq has no cluster support).
+    """
+    queue = aioredis.Redis.from_url(settings.queue_redis_url, **pool_options())
+    try:
+        named_info = await queue.info("server")
+        named_db = queue.connection_pool.connection_kwargs.get("db", 0)
+    finally:
+        await queue.aclose()
+    arq_info, arq_cluster = await pool.info("server"), await pool.info("cluster")
+    arq_db = pool.connection_pool.connection_kwargs.get("db", 0)
+    variable = "QUEUE_REDIS_URL" if settings.queue_redis_url != settings.redis_url else "REDIS_URL"
+    if (arq_info.get("run_id"), int(arq_db)) != (named_info.get("run_id"), int(named_db)):
         raise ConfigError(
-            "REDIS_URL",
-            "arq takes jobs from another Redis server or database than REDIS_URL names; "
-            "start the worker with rapidphoto-worker, which uses REDIS_URL for both",
+            variable,
+            f"arq takes jobs from another Redis server or database than {variable} names; "
+            "start the worker with rapidphoto-worker, which uses it for the queue",
+        )
+    if int(arq_cluster.get("cluster_enabled", 0)):
+        raise ConfigError(
+            variable,
+            "the arq queue is on a Redis Cluster node; arq needs a standalone Redis "
+            "(with REDIS_CLUSTER=1, set QUEUE_REDIS_URL to one)",
         )
 
 
@@ -106,7 +124,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings = WorkerConfig.from_env()
     app = await WorkerContext.create(settings)
     try:
-        await _check_same_redis(ctx["redis"], app)
+        await _check_queue_redis(ctx["redis"], settings)
     except BaseException:
         await app.aclose()
         raise
@@ -117,6 +135,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         extra={
             FIELDS: {
                 "queue": QUEUE_NAME,
+                "redis_cluster": settings.redis_cluster,
+                "wait_replicas": settings.redis_wait_replicas,
                 "session_ttl_seconds": settings.session_ttl_seconds,
                 "session_log_maxlen": settings.session_log_maxlen,
                 "max_jobs": MAX_JOBS,
@@ -238,12 +258,15 @@ def create_worker(**overrides: Any) -> BatchClaimWorker:
 
 
 def redis_settings(settings: WorkerConfig) -> RedisSettings:
-    """arq's connection settings for ``REDIS_URL``."""
+    """arq's connection settings for ``QUEUE_REDIS_URL`` (``REDIS_URL`` unless set)."""
     try:
-        parsed = RedisSettings.from_dsn(settings.redis_url)
+        parsed = RedisSettings.from_dsn(settings.queue_redis_url)
     except (ValueError, RuntimeError) as exc:
         # Not the URL itself: it may hold a password.
-        raise ConfigError("REDIS_URL", f"not a valid Redis URL ({exc})") from None
+        variable = (
+            "QUEUE_REDIS_URL" if settings.queue_redis_url != settings.redis_url else "REDIS_URL"
+        )
+        raise ConfigError(variable, f"not a valid Redis URL ({exc})") from None
     # arq builds its pool with no retry: the first poll after a Redis restart or CLIENT KILL hit a
     # connection Redis had closed, and the whole worker stopped (jobs it held waited 20 s for
     # their lock to expire). arq's commands may be sent again (redis_options).
@@ -255,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="rapidphoto-worker",
         description="Run the RapidPhoto upload-session worker (an arq worker). "
-        "Configured by environment variables: REDIS_URL, SESSION_TTL_SECONDS, SESSION_LOG_MAXLEN.",
+        "Configured by environment variables: REDIS_URL, REDIS_CLUSTER, QUEUE_REDIS_URL, "
+        "REDIS_WAIT_REPLICAS, REDIS_WAIT_TIMEOUT_MS, SESSION_TTL_SECONDS, SESSION_LOG_MAXLEN.",
     )
     parser.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     options = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 Each process reads what it uses: :class:`RelayConfig` (Redis, JWT, listening address, limits,
 SSE), :class:`WorkerConfig` (Redis, session lifetime; no secret); the CLI reads single groups. Both
 are built from small groups (:class:`RedisConfig`, :class:`JwtConfig`, :class:`ListenConfig`,
-:class:`SessionConfig`), so each variable is parsed in one place and keeps one attribute name
+:class:`SessionConfig`, :class:`ReplicaWaitConfig`), so each variable is parsed in one place and keeps one attribute name
 everywhere. ("Config", not "Settings": the worker's ``WorkerSettings`` and ``RedisSettings`` are
 arq's.) Build one in an entrypoint with ``from_env`` and pass it down; nothing reads the
 environment at import time. A missing or invalid value raises :class:`ConfigError` naming the
@@ -145,7 +145,31 @@ def _environ(env: Mapping[str, str] | None) -> Mapping[str, str]:
 
 
 def _redis_fields(e: Mapping[str, str]) -> dict[str, Any]:
-    return {"redis_url": _redis_url(e, "REDIS_URL")}
+    url = _redis_url(e, "REDIS_URL")
+    cluster = _flag(e, "REDIS_CLUSTER")
+    queue = _redis_url(e, "QUEUE_REDIS_URL") if _opt(e, "QUEUE_REDIS_URL") else None
+    if cluster:
+        # PROTOCOL §9: arq runs MULTI/WATCH over keys of many slots, which a cluster refuses.
+        if url.startswith("unix://"):
+            raise ConfigError("REDIS_URL", "a cluster node is named by redis:// or rediss://")
+        if queue is None:
+            raise ConfigError(
+                "QUEUE_REDIS_URL",
+                "required with REDIS_CLUSTER=1: the arq queue needs a standalone Redis of its own",
+            )
+        if queue == url:
+            raise ConfigError(
+                "QUEUE_REDIS_URL",
+                "must name a standalone Redis, not the cluster node REDIS_URL names",
+            )
+    return {"redis_url": url, "redis_cluster": cluster, "queue_redis_url": queue or url}
+
+
+def _wait_fields(e: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "redis_wait_replicas": _int(e, "REDIS_WAIT_REPLICAS", 0, 0, 16),
+        "redis_wait_timeout_ms": _int(e, "REDIS_WAIT_TIMEOUT_MS", 200, 1, 60_000),
+    }
 
 
 def _jwt_fields(e: Mapping[str, str]) -> dict[str, Any]:
@@ -222,9 +246,19 @@ def _relay_fields(e: Mapping[str, str]) -> dict[str, Any]:
 
 @attrs.frozen(kw_only=True, slots=False)  # no slots: see RelayConfig
 class RedisConfig:
-    """``REDIS_URL``: every process (the enqueue commands of the CLI read this alone)."""
+    """``REDIS_URL``, ``REDIS_CLUSTER``, ``QUEUE_REDIS_URL``: every process (the enqueue commands
+    of the CLI read this alone). ``queue_redis_url`` is ``redis_url`` unless set; with
+    ``REDIS_CLUSTER=1`` it must be set, to another (standalone) Redis (PROTOCOL §9)."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    queue_redis_url: str = ""  # "": redis_url's, filled in by __attrs_post_init__
+
+    def __attrs_post_init__(self) -> None:
+        # Not an attrs Factory(takes_self=True): Litestar's signature models (msgspec) inspect
+        # RelayConfig and refuse such defaults.
+        if not self.queue_redis_url:
+            object.__setattr__(self, "queue_redis_url", self.redis_url)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
@@ -287,6 +321,19 @@ class SessionConfig:
         return cls(**_session_fields(_environ(env)))
 
 
+@attrs.frozen(kw_only=True, slots=False)  # no slots: see RelayConfig
+class ReplicaWaitConfig:
+    """``REDIS_WAIT_*``: the worker reports a job done only once this many replicas hold its write
+    (``WAIT`` after each command, PROTOCOL §9); 0 waits for none."""
+
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 200
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        return cls(**_wait_fields(_environ(env)))
+
+
 # --- what each process reads ----------------------------------------------------------------------
 
 
@@ -318,13 +365,14 @@ class RelayConfig(RedisConfig, JwtConfig, ListenConfig):
 
 
 @attrs.frozen(kw_only=True, slots=False)  # no slots: see RelayConfig
-class WorkerConfig(RedisConfig, SessionConfig):
-    """The worker: Redis and the sessions' lifetime; no secret (it never sees a token)."""
+class WorkerConfig(RedisConfig, SessionConfig, ReplicaWaitConfig):
+    """The worker: Redis, the sessions' lifetime, the replicas to wait for; no secret (it never
+    sees a token)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
         e = _environ(env)
-        return cls(**_redis_fields(e), **_session_fields(e))
+        return cls(**_redis_fields(e), **_session_fields(e), **_wait_fields(e))
 
 
 def env_value(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:

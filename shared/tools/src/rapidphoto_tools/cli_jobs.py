@@ -55,7 +55,7 @@ def _token(args: argparse.Namespace) -> int:
 
 def _enqueue(send: Callable[[UploadJobsClient], Awaitable[Job]]) -> int:
     """Connect to ``REDIS_URL``, send one job, print its id."""
-    print(with_jobs(RedisConfig.from_env().redis_url, send).job_id)
+    print(with_jobs(RedisConfig.from_env().queue_redis_url, send).job_id)
     return EXIT_OK
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sys
-from typing import TextIO
+from collections.abc import AsyncIterator
+from typing import Any, TextIO
+
+from redis.asyncio.cluster import RedisCluster
 
 from rapidphoto_contract.ids import validate_id
 from rapidphoto_contract.jobs import MAX_TOTAL_PHOTOS
@@ -112,6 +116,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sim.set_defaults(run=_simulate)
 
 
+@contextlib.asynccontextmanager
+async def state_reader(settings: RedisConfig) -> AsyncIterator[Any]:
+    """A client of the sessions' Redis for the wait, or None: the queue's is the same server."""
+    if not settings.redis_cluster:
+        yield None
+        return
+    cluster = RedisCluster.from_url(settings.redis_url, decode_responses=True)
+    try:
+        yield cluster
+    finally:
+        await cluster.aclose()
+
+
 def _simulate(args: argparse.Namespace) -> int:
     out = sys.stdout
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000)
@@ -149,7 +166,10 @@ def _simulate(args: argparse.Namespace) -> int:
         f"/api/upload/sessions/{first.session_id}/stream\n"
     )
     out.flush()
-    return with_jobs(settings.redis_url, lambda jobs: _simulate_with(jobs, plan, spec, args, out))
+    return with_jobs(
+        settings.queue_redis_url,
+        lambda jobs: _simulate_with(jobs, plan, spec, args, out, settings),
+    )
 
 
 async def _simulate_with(
@@ -158,6 +178,7 @@ async def _simulate_with(
     spec: SimulationSpec,
     args: argparse.Namespace,
     out: TextIO,
+    settings: RedisConfig,
 ) -> int:
     report = await run_simulation(plan, jobs, spec.rate, out, start_delay=args.start_delay)
     out.write(
@@ -171,8 +192,8 @@ async def _simulate_with(
     try:
         # Both: the wait's own deadline cannot be lost (issue 9, fault 3); the outer one also
         # cuts a command that hangs (the pool lets cancellations through, redis_cancel).
-        async with asyncio.timeout(args.timeout):
-            await wait_until_applied(jobs, watch, out, timeout=args.timeout)
+        async with asyncio.timeout(args.timeout), state_reader(settings) as state:
+            await wait_until_applied(jobs, watch, out, timeout=args.timeout, state=state)
     except TimeoutError:
         pending = watch.pending()
         error(

@@ -16,7 +16,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Mapping
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import attrs
 
@@ -249,8 +249,12 @@ async def wait_until_applied(
     progress_every: float = 1.0,
     timeout: float | None = None,  # noqa: ASYNC109 (its own deadline, see the docstring)
     clock: Callable[[], float] = time.monotonic,
+    state: Any = None,
 ) -> None:
     """Poll each pending session's state hash until its counts are the plan's.
+
+    ``state``: the client of the sessions' Redis (a ``RedisCluster`` in cluster mode, PROTOCOL §9);
+    by default the queue's, which is the same server on a standalone Redis.
 
     Raises ``TimeoutError`` once ``timeout`` seconds have passed (then read ``watch``). The loop
     checks that deadline itself rather than rely only on a cancellation from ``asyncio.timeout``
@@ -261,7 +265,7 @@ async def wait_until_applied(
     next_report = clock() + progress_every
     while True:
         for sid in watch.pending():
-            raw = await jobs.pool.hmget(
+            raw = await (jobs.pool if state is None else state).hmget(
                 keys.session_state_key(sid), [keys.STATE_UPLOADED, keys.STATE_FAILED]
             )
             raise_if_cancelled()

@@ -1,7 +1,9 @@
+#!lua flags=no-writes
 -- sync_session (PROTOCOL §5, "Resuming"): one atomic read of a session, a replay or a snapshot.
 -- Built by rapidphoto_contract.lua_scripts.build: the session's state is read only through the
 -- contract's session_state.lua (the worker's scripts write it through the same functions), and ids
--- are compared by its stream_ids.lua.
+-- are compared by its stream_ids.lua. no-writes: Redis runs it while out of memory (a stream must
+-- still open then, PROTOCOL §5), and on a cluster it may only touch the session's slot.
 -- KEYS: state, photos, failures, log (rapidphoto_contract.keys.session_keys)
 -- ARGV: last id ('' = snapshot), its successor, max failures
 -- Reply: {'missing'} | {'replay', owner, status, entries} |

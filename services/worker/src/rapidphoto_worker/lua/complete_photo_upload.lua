@@ -1,16 +1,17 @@
 -- complete_photo_upload (PROTOCOL §3): mark the photo uploaded, publish PHOTO_UPLOADED.
--- KEYS: state, photos, failures, log, owner's notification log
--- ARGV: session_id, photo_id, owner, occurred_at, maxlen, ttl, session_channel, user_channel
--- Reply: {'applied', ids...} | {'duplicate'} | {'too_many'} | {'not_found'} | {'owner_changed'}
+-- KEYS: state, photos, failures, log (one session's: one slot)
+-- ARGV: publish command, session_id, photo_id, occurred_at, maxlen, ttl, session_channel
+-- Reply: {'applied', owner, pending, ids...} | {'duplicate', owner, pending} | {'too_many'} |
+--        {'not_found'} (pending: the completion's notification not written yet, or '')
 local k, a = photo_keys(), photo_args()
-local session, early = load_photo_session(k, a)
-if early then
-  return early
+local session = session_read(k)
+if not session then
+  return {'not_found'}
 end
 
 local outcome = photo_outcome(k, a.photo_id)
 if outcome == 'uploaded' then
-  return {'duplicate'}
+  return photo_duplicate(k, session)
 end
 if outcome then
   -- Failed before: the latest outcome wins, so the photo moves from failed to uploaded and leaves

@@ -93,3 +93,36 @@ local function session_recent_failures(k, limit)
   end
   return failures
 end
+
+-- A completion whose notification is not written yet (PROTOCOL §9: the notification is written in
+-- a step of its own, in the owner's slot). `n`: {completed_id, occurred_at, total, uploaded,
+-- failed}, what the notification will say; stored as those five, space separated (none has one).
+local function session_set_pending_notification(k, n)
+  redis.call('HSET', k.state, F_PENDING_NOTIFICATION,
+    table.concat({n.completed_id, n.occurred_at, n.total, n.uploaded, n.failed}, ' '))
+end
+
+-- The pending notification as stored (a string), or nil when there is none.
+local function session_pending_notification(k)
+  local value = redis.call('HGET', k.state, F_PENDING_NOTIFICATION)
+  if not value then
+    return nil
+  end
+  return value
+end
+
+-- The notification is written: forget it, unless the session now has another one pending (it
+-- expired and was completed again since `value` was read). Returns whether it was cleared.
+local function session_clear_pending_notification(k, value)
+  if redis.call('HGET', k.state, F_PENDING_NOTIFICATION) == value then
+    redis.call('HDEL', k.state, F_PENDING_NOTIFICATION)
+    return true
+  end
+  return false
+end
+
+-- A write that changes nothing (the owner written over itself): a duplicate command runs it so
+-- that a WAIT after it covers every earlier write of the session, the first run's included.
+local function session_touch(k, session)
+  redis.call('HSET', k.state, F_OWNER, session.owner)
+end
