@@ -10,7 +10,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import redis
@@ -23,7 +23,6 @@ from rapidphoto_contract import keys
 from rapidphoto_relay.cluster_hub import ClusterHub
 from rapidphoto_relay.metrics import RelayMetrics
 from rapidphoto_relay.payload import Message
-from rapidphoto_relay.writer import StreamWriter
 from tests.support.redis_cluster import RedisClusterNodes, migrate_slot, redis_cluster
 
 pytestmark = pytest.mark.e2e
@@ -74,7 +73,7 @@ def channels_per_master(
 async def subscribe_all(hub: ClusterHub, channels: list[str]) -> dict[str, Recorder]:
     recorders = {c: Recorder(c) for c in channels}
     for channel, recorder in recorders.items():
-        await hub.subscribe(channel, cast(StreamWriter, recorder))
+        await hub.subscribe(channel, recorder)
     return recorders
 
 

@@ -409,7 +409,15 @@ async def _step_one(h: Harness, photo: str) -> list[str]:
         await app.state.run(
             app.scripts.complete_photo_upload,
             keys.session_keys(SESSION),
-            [app.state.publish, SESSION, photo, commands.occurred_at(), 1000, 3600, "c"],
+            [
+                app.state.publish,
+                SESSION,
+                photo,
+                commands.occurred_at(),
+                1000,
+                3600,
+                keys.session_channel(SESSION),
+            ],
         )
     )
 

@@ -4,6 +4,8 @@ The same promises as :class:`~rapidphoto_relay.hub.Hub`, whose interface this fo
 returns once Redis confirmed; ``unsubscribe``; ``ready``; streams asked to resync from their logs
 after anything that may have lost a message), over ``SSUBSCRIBE``:
 
+- Subscribers are the hub's (:class:`~rapidphoto_relay.hub.Subscriber`: a stream's writer, or a
+  lane of a multi-session stream).
 - A sharded channel lives on the master that owns its slot, so the hub keeps one pub/sub connection
   (a :class:`_Link`) per master owning a subscribed slot, chosen from the slot map
   (``CLUSTER SLOTS``). ``SSUBSCRIBE`` takes channels of one slot per command: subscriptions are
@@ -32,17 +34,16 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import MovedError, RedisError, ResponseError
 
 from rapidphoto_contract.logs import Throttle
-from rapidphoto_relay.hub import HubUnavailable
+from rapidphoto_relay.hub import HubUnavailable, Subscriber
 from rapidphoto_relay.metrics import RelayMetrics
 from rapidphoto_relay.payload import InvalidPayload, parse_payload
-from rapidphoto_relay.writer import StreamWriter
 
 log = logging.getLogger("rapidphoto_relay.cluster_hub")
 
@@ -111,7 +112,7 @@ class _Channel:
 
     def __init__(self, slot: int, confirmed: asyncio.Future[None]) -> None:
         self.slot = slot
-        self.subscribers: set[StreamWriter] = set()
+        self.subscribers: set[Subscriber] = set()
         self.confirmed = confirmed
         self.link: _Link | None = None
         self.needs_resync = False
@@ -313,7 +314,7 @@ class ClusterHub:
 
     # --- subscriptions -------------------------------------------------------------------------
 
-    async def subscribe(self, channel: str, subscriber: StreamWriter, within: float = 5.0) -> None:
+    async def subscribe(self, channel: str, subscriber: Subscriber, within: float = 5.0) -> None:
         """Add ``subscriber`` to ``channel``; return once its owner confirmed the subscription."""
         state = self._channels.get(channel)
         if state is None:
@@ -331,7 +332,7 @@ class ClusterHub:
             self.unsubscribe(channel, subscriber)
             raise HubUnavailable(f"subscription to {channel} not confirmed in {within}s") from None
 
-    def unsubscribe(self, channel: str, subscriber: StreamWriter) -> None:
+    def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
         """Remove ``subscriber``; the last one out unsubscribes the channel (synchronous, as in
         hub.py; the SUNSUBSCRIBE is sent by a task)."""
         state = self._channels.get(channel)
@@ -557,3 +558,12 @@ def _text(value: Any) -> str:
 
 def _channel_name(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
+
+
+def node_options(redis_url: str) -> tuple[list[Node], dict[str, Any]]:
+    """``REDIS_URL``, a cluster node, as the first node to ask for the slot map, and the
+    credentials every node gets (TLS is not supported in cluster mode yet)."""
+    options = parse_url(redis_url)
+    seeds = [(str(options.get("host", "127.0.0.1")), int(options.get("port", 6379)))]
+    credentials = {k: options[k] for k in ("username", "password") if options.get(k)}
+    return seeds, credentials

@@ -7,19 +7,15 @@ new clients to a relay that is not ready; its open streams stay open on heartbea
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Final, Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 from litestar import Response, get
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
-from redis.exceptions import RedisError
 
 from rapidphoto_contract.events import MESSAGE_TYPES
 from rapidphoto_relay.services import RelayServices
-
-PING_TIMEOUT_SECONDS: Final = 1.0
 
 
 class Readiness(TypedDict):
@@ -49,12 +45,7 @@ def live() -> dict[str, str]:
     },
 )
 async def ready(services: NamedDependency[RelayServices]) -> Response[Readiness]:
-    redis_ok = False
-    try:
-        async with asyncio.timeout(PING_TIMEOUT_SECONDS):
-            redis_ok = bool(await services.redis.ping())
-    except (RedisError, OSError, TimeoutError):
-        redis_ok = False
+    redis_ok = await services.redis_reachable()
     subscription_ok = services.hub.ready
     ok = redis_ok and subscription_ok and not services.registry.shutting_down
     body: Readiness = {

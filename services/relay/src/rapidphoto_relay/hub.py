@@ -55,6 +55,23 @@ class Subscriber(Protocol):
     def request_resync(self) -> None: ...
 
 
+class Subscriptions(Protocol):
+    """What streams need from a relay's subscription: :class:`Hub` on a standalone Redis,
+    :class:`~rapidphoto_relay.cluster_hub.ClusterHub` on a cluster (PROTOCOL §9)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def channel_count(self) -> int: ...
+
+    async def subscribe(
+        self, channel: str, subscriber: Subscriber, within: float = 5.0
+    ) -> None: ...
+
+    def unsubscribe(self, channel: str, subscriber: Subscriber) -> None: ...
+
+
 class HubUnavailable(Exception):
     """The subscription could not be confirmed in time (Redis down or slow)."""
 

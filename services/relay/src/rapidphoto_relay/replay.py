@@ -24,8 +24,9 @@ subscribed, so notifications racing the subscription are still delivered once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Final, Literal
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Literal, TypeVar
 
 import attrs
 import redis.asyncio as aioredis
@@ -35,7 +36,10 @@ from rapidphoto_contract.events import STATUS_COMPLETED, Failure, SessionSnapsho
 from rapidphoto_contract.lua_scripts import build, read_lua
 from rapidphoto_contract.stream_ids import StreamId, format_stream_id, parse_stream_id, successor
 from rapidphoto_relay import sse
+from rapidphoto_relay.cluster_reads import SlotRouter
 from rapidphoto_relay.payload import Message, log_entry_message
+
+T = TypeVar("T")
 
 #: PROTOCOL §4: a snapshot lists the 100 most recent failures at most.
 SNAPSHOT_FAILURES: Final = 100
@@ -154,48 +158,48 @@ class SessionSync:
 
 
 class LogReader:
-    """The relay's reads of session state and logs, on the commands connection pool."""
+    """The relay's reads of session state and logs, on the commands connection pool; on a cluster
+    (``router``), each read on the master that owns its keys' slot (PROTOCOL §9)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, router: SlotRouter | None = None) -> None:
         self._redis = redis
+        self._router = router
         self._sync_session = redis.register_script(SYNC_SESSION_LUA)
+
+    async def _on(self, key: str, read: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """``read`` with the client that holds ``key`` (every read touches one slot)."""
+        if self._router is None:
+            return await read(self._redis)
+        return await self._router.run(key, read)
 
     async def probe_session(self, session_id: str) -> SessionProbe:
         # One round trip, but not a MULTI: Redis refuses every command queued in a MULTI while it
         # is out of memory (maxmemory reached, noeviction), reads included, and a stream must
         # open then (PROTOCOL §5: 503 only while Redis is unusable). Atomicity is not needed: the
         # status is read first, so a log entry it saw is in ``newest`` too (a 204 stays right).
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.session_state_key(session_id), [keys.STATE_OWNER, keys.STATE_STATUS])
-            pipe.xrevrange(keys.session_log_key(session_id), "+", "-", count=1)
-            (owner, status), newest = await pipe.execute()
-        return SessionProbe(
-            owner=None if owner is None else _text(owner),
-            status=None if status is None else _text(status),
-            newest=parse_stream_id(newest[0][0]) if newest else None,
-        )
+        async def read(client: aioredis.Redis) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                _probe(pipe, session_id)
+                replies: list[Any] = await pipe.execute()
+            return replies
+
+        return _probe_result(*await self._on(keys.session_state_key(session_id), read))
 
     async def session_owner(self, session_id: str) -> str | None:
-        owner = await self._redis.hget(keys.session_state_key(session_id), keys.STATE_OWNER)
+        key = keys.session_state_key(session_id)
+        owner = await self._on(key, lambda client: client.hget(key, keys.STATE_OWNER))
         return None if owner is None else _text(owner)
 
     async def probe_sessions(self, session_ids: Sequence[str]) -> list[SessionProbe]:
-        """:meth:`probe_session` for several sessions in one round trip (PROTOCOL §5.1)."""
+        """:meth:`probe_session` for several sessions in one round trip (PROTOCOL §5.1); on a
+        cluster, one per session, all at once (their slots are on several masters)."""
+        if self._router is not None:
+            return list(await asyncio.gather(*(self.probe_session(s) for s in session_ids)))
         async with self._redis.pipeline(transaction=False) as pipe:
             for session_id in session_ids:
-                pipe.hmget(
-                    keys.session_state_key(session_id), [keys.STATE_OWNER, keys.STATE_STATUS]
-                )
-                pipe.xrevrange(keys.session_log_key(session_id), "+", "-", count=1)
+                _probe(pipe, session_id)
             replies = await pipe.execute()
-        return [
-            SessionProbe(
-                owner=None if owner is None else _text(owner),
-                status=None if status is None else _text(status),
-                newest=parse_stream_id(newest[0][0]) if newest else None,
-            )
-            for (owner, status), newest in zip(replies[::2], replies[1::2], strict=True)
-        ]
+        return [_probe_result(*pair) for pair in zip(replies[::2], replies[1::2], strict=True)]
 
     async def sync_session(
         self, session_id: str, after: StreamId | None, *, whole: bool = False
@@ -205,17 +209,27 @@ class LogReader:
         A replay stops at the session's ``SESSION_COMPLETED`` (its stream ends there) unless
         ``whole``: a multi-session stream delivers what a completed session's log gets later too.
         """
-        reply = await self._sync_session(keys=keys.session_keys(session_id), args=_sync_args(after))
+        session_keys = keys.session_keys(session_id)
+        reply = await self._on(
+            session_keys[0],
+            lambda client: self._sync_session(
+                keys=session_keys, args=_sync_args(after), client=client
+            ),
+        )
         return _session_sync(session_id, after, reply, whole=whole)
 
     async def sync_sessions(
         self, requests: Sequence[tuple[str, StreamId | None]]
     ) -> list[SessionSync]:
         """:meth:`sync_session` (``whole``) for several sessions in one round trip; each read is
-        atomic on its own, which is all a session's stream needs (PROTOCOL §5.1)."""
-        if len(requests) == 1:
-            session_id, after = requests[0]
-            return [await self.sync_session(session_id, after, whole=True)]
+        atomic on its own, which is all a session's stream needs (PROTOCOL §5.1). On a cluster,
+        one per session, all at once."""
+        if len(requests) == 1 or self._router is not None:
+            return list(
+                await asyncio.gather(
+                    *(self.sync_session(sid, after, whole=True) for sid, after in requests)
+                )
+            )
         async with self._redis.pipeline(transaction=False) as pipe:
             for session_id, after in requests:
                 await self._sync_session(
@@ -228,13 +242,28 @@ class LogReader:
         ]
 
     async def newest_notification(self, user_id: str) -> StreamId | None:
-        newest = await self._redis.xrevrange(
-            keys.user_notifications_log_key(user_id), "+", "-", count=1
-        )
+        key = keys.user_notifications_log_key(user_id)
+        newest = await self._on(key, lambda client: client.xrevrange(key, "+", "-", count=1))
         return parse_stream_id(newest[0][0]) if newest else None
 
     async def notifications_after(self, user_id: str, after: StreamId | None) -> list[Message]:
         """Every notification after ``after`` (the whole log when ``None`` or older than it)."""
         start = "-" if after is None else "(" + format_stream_id(after)
-        entries = await self._redis.xrange(keys.user_notifications_log_key(user_id), start, "+")
+        key = keys.user_notifications_log_key(user_id)
+        entries = await self._on(key, lambda client: client.xrange(key, start, "+"))
         return _entry_messages(entries or [])
+
+
+def _probe(pipe: Any, session_id: str) -> None:
+    """Queue a session's probe: owner and status, and its newest log entry."""
+    pipe.hmget(keys.session_state_key(session_id), [keys.STATE_OWNER, keys.STATE_STATUS])
+    pipe.xrevrange(keys.session_log_key(session_id), "+", "-", count=1)
+
+
+def _probe_result(state: Any, newest: Any) -> SessionProbe:
+    owner, status = state
+    return SessionProbe(
+        owner=None if owner is None else _text(owner),
+        status=None if status is None else _text(status),
+        newest=parse_stream_id(newest[0][0]) if newest else None,
+    )
