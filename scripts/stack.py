@@ -232,6 +232,39 @@ class Stack:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def start_cluster(stack: Stack, env: dict[str, str]) -> None:
+    """PROTOCOL §9 locally: six cluster nodes (3 masters, 3 replicas), in memory, and a standalone
+    Redis for the arq queue; ``env`` gets REDIS_CLUSTER, REDIS_URL, QUEUE_REDIS_URL and
+    REDIS_WAIT_REPLICAS=1."""
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        raise SystemExit("redis-server is missing: run scripts/setup")
+    folder = stack.temp_dir()
+    ports = free_cluster_ports(6)
+    procs = [
+        stack.spawn(f"redis-node-{port}", cluster_node_argv(redis_bin, port, folder), env)
+        for port in ports
+    ]
+    queue_port = free_port()
+    queue = stack.spawn("redis-queue", redis_server_argv(redis_bin, queue_port, folder), env)
+    for port, proc in zip(ports, procs, strict=True):
+        wait_tcp(port, 10, proc)
+    wait_tcp(queue_port, 10, queue)
+    subprocess.run(cluster_create_argv(ports), check=True, capture_output=True, timeout=30)
+    wait_cluster_ready(ports, 30)
+    env.update(
+        REDIS_CLUSTER="1",
+        REDIS_URL=f"redis://127.0.0.1:{ports[0]}/0",
+        QUEUE_REDIS_URL=f"redis://127.0.0.1:{queue_port}/0",
+    )
+    env.setdefault("REDIS_WAIT_REPLICAS", "1")
+    nodes = ", ".join(str(p) for p in ports)
+    print(
+        f"[stack] started a Redis Cluster on 127.0.0.1 ports {nodes} (in memory, removed on exit)"
+    )
+    print(f"[stack] and the queue's Redis on {env['QUEUE_REDIS_URL']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--relays", type=int, default=2)
@@ -250,6 +283,12 @@ def main() -> int:
         help="seconds between starting the sessions and their first photo (time to open the page)",
     )
     parser.add_argument("--no-simulate", action="store_true", help="start the services only")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on a local Redis Cluster (3 masters, 3 replicas) plus a queue Redis "
+        "(REDIS_CLUSTER=1; ignores REDIS_URL)",
+    )
     args = parser.parse_args()
     # What is printed must show up at once, also when stdout is a pipe or a file.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
@@ -263,7 +302,9 @@ def main() -> int:
     env.setdefault("PYTHONUNBUFFERED", "1")
     stack = Stack()
     try:
-        if not env.get("REDIS_URL"):
+        if args.cluster:
+            start_cluster(stack, env)
+        elif not env.get("REDIS_URL"):
             redis_bin = shutil.which("redis-server")
             if redis_bin is None:
                 raise SystemExit("redis-server is missing: run scripts/setup")
