@@ -59,10 +59,30 @@ class RedisClusterNodes:
             self._spawn(port)
         for port in self.ports:
             wait_for_redis(self.node_url(port))
-        subprocess.run(
-            cluster_create_argv(self.ports), check=True, capture_output=True, timeout=timeout
-        )
+        if self.masters_count == 1:
+            self._one_master()
+        else:
+            subprocess.run(
+                cluster_create_argv(self.ports), check=True, capture_output=True, timeout=timeout
+            )
         wait_cluster_ready(self.ports, timeout)
+
+    def _one_master(self) -> None:
+        """One master with every slot and one replica (redis-cli creates 3 masters at least)."""
+        master, replica = self.ports
+        with self.client(master) as m, self.client(replica) as r:
+            m.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            r.execute_command("CLUSTER", "MEET", "127.0.0.1", master)
+            master_id = m.execute_command("CLUSTER", "MYID")
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    r.execute_command("CLUSTER", "REPLICATE", master_id)
+                    break
+                except redis.ResponseError:  # the replica does not know the master yet
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
 
     def _spawn(self, port: int) -> None:
         self.procs[port] = subprocess.Popen(

@@ -252,7 +252,7 @@ class ClusterHub:
         *,
         ping_interval: float = 5.0,
         backoff_base: float = 0.05,
-        backoff_cap: float = 0.5,
+        backoff_cap: float = 0.25,
         connect_timeout: float = 1.0,
         connection_options: dict[str, Any] | None = None,
     ) -> None:
