@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-import random
 import secrets
 import shutil
 import signal
@@ -50,27 +49,15 @@ def redis_server_argv(binary: str, port: int, folder: Path) -> list[str]:
     return [*argv, "no", "--dir", str(folder), "--loglevel", "warning"]
 
 
-#: A cluster node's bus listens on its port + 10000, so a node's port must be at most this.
-CLUSTER_MAX_PORT = 65535 - 10000
+def free_cluster_ports(count: int) -> list[tuple[int, int]]:
+    """``count`` (port, bus port) pairs for cluster nodes, each leased (scripts/ports.py): a node's
+    bus gets a port of its own (``--cluster-port``) rather than the default port + 10000, which
+    nobody leased and which must stay at most 65535."""
+    return [(free_port(), free_port()) for _ in range(count)]
 
 
-def free_cluster_ports(count: int) -> list[int]:
-    """``count`` loopback ports for cluster nodes: each free, and its bus port (+10000) free too.
-    Picked below :data:`CLUSTER_MAX_PORT` at random, away from the usual ephemeral range."""
-    rng = random.SystemRandom()
-    picked: list[int] = []
-    while len(picked) < count:
-        port = rng.randrange(20_000, CLUSTER_MAX_PORT)
-        taken = {q for p in picked for q in (p, p + 10_000)}
-        if port in taken or port + 10_000 in taken:
-            continue
-        if port_free(port) and port_free(port + 10_000):
-            picked.append(port)
-    return picked
-
-
-def cluster_node_argv(binary: str, port: int, folder: Path) -> list[str]:
-    """An in-memory Redis Cluster node on ``port`` (bus on port + 10000), state in ``folder``.
+def cluster_node_argv(binary: str, port: int, bus_port: int, folder: Path) -> list[str]:
+    """An in-memory Redis Cluster node on ``port`` (its bus on ``bus_port``), state in ``folder``.
 
     ``cluster-node-timeout 1000``: a dead master is failed over in about 2-3 s.
     ``cluster-require-full-coverage no``: during a fail-over the healthy shards keep taking writes.
@@ -79,6 +66,7 @@ def cluster_node_argv(binary: str, port: int, folder: Path) -> list[str]:
     return [
         *redis_server_argv(binary, port, folder),
         "--cluster-enabled", "yes",
+        "--cluster-port", str(bus_port),
         "--cluster-config-file", f"nodes-{port}.conf",
         "--cluster-node-timeout", "1000",
         "--cluster-require-full-coverage", "no",
@@ -240,10 +228,11 @@ def start_cluster(stack: Stack, env: dict[str, str]) -> None:
     if redis_bin is None:
         raise SystemExit("redis-server is missing: run scripts/setup")
     folder = stack.temp_dir()
-    ports = free_cluster_ports(6)
+    pairs = free_cluster_ports(6)
+    ports = [port for port, _ in pairs]
     procs = [
-        stack.spawn(f"redis-node-{port}", cluster_node_argv(redis_bin, port, folder), env)
-        for port in ports
+        stack.spawn(f"redis-node-{port}", cluster_node_argv(redis_bin, port, bus, folder), env)
+        for port, bus in pairs
     ]
     queue_port = free_port()
     queue = stack.spawn("redis-queue", redis_server_argv(redis_bin, queue_port, folder), env)

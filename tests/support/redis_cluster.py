@@ -1,8 +1,8 @@
 """A real local Redis Cluster for tests: 3 masters and 3 replicas on loopback, never a fake.
 
 Started with ``redis-server --cluster-enabled yes`` processes and ``redis-cli --cluster create``
-(ready in about 2 s), stopped by PID, its folder (nodes.conf files) removed. Ports are picked free
-below 55535 with their bus port (+10000) free too (``scripts.stack.free_cluster_ports``). Tests
+(ready in about 2 s), stopped by PID, its folder (nodes.conf files) removed. Each node's port and
+its bus port (``--cluster-port``) are leased (``scripts.stack.free_cluster_ports``). Tests
 that kill, fail over or reshard take a cluster of their own (one per test module at most: each
 costs seconds of the suite's time).
 """
@@ -41,7 +41,9 @@ class RedisClusterNodes:
         if binary is None:
             raise RuntimeError("redis-server is not installed (scripts/setup installs it)")
         self.binary = binary
-        self.ports = free_cluster_ports(masters * 2)
+        pairs = free_cluster_ports(masters * 2)
+        self.ports = [port for port, _ in pairs]
+        self.bus_ports = dict(pairs)
         self.masters_count = masters
         self.dir = Path(tempfile.mkdtemp(prefix="rapidphoto-cluster-"))
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -72,7 +74,7 @@ class RedisClusterNodes:
         master, replica = self.ports
         with self.client(master) as m, self.client(replica) as r:
             m.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-            r.execute_command("CLUSTER", "MEET", "127.0.0.1", master)
+            r.execute_command("CLUSTER", "MEET", "127.0.0.1", master, self.bus_ports[master])
             master_id = m.execute_command("CLUSTER", "MYID")
             deadline = time.monotonic() + 10
             while True:
@@ -86,7 +88,7 @@ class RedisClusterNodes:
 
     def _spawn(self, port: int) -> None:
         self.procs[port] = subprocess.Popen(
-            cluster_node_argv(self.binary, port, self.dir),
+            cluster_node_argv(self.binary, port, self.bus_ports[port], self.dir),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
