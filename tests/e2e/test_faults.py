@@ -313,15 +313,16 @@ async def test_client_that_stops_reading_is_closed_as_slow_consumer_and_others_u
             ) as fast_b,
         ):
             snapshots = [await take(fast_a, 1), await take(fast_b, 1)]
-            # The fast clients read all along (their own buffer is bounded too).
-            reading = asyncio.gather(to_the_end(fast_a, 60), to_the_end(fast_b, 60))
+            # The fast clients read all along (their own buffer is bounded too); the 60 s for the
+            # rest count from the last enqueue, below (the enqueues alone take long on 2 cores).
+            reading = asyncio.gather(to_the_end(fast_a, 600), to_the_end(fast_b, 600))
             await gather_bounded(
                 [
                     partial(jobs.fail_photo_upload, session, f"p{n:04d}-{'y' * 100}", reason)
                     for n in range(photos)
                 ]
             )
-            rests = await reading
+            rests = await asyncio.wait_for(reading, 60)
         log = await truth.log(session)
         assert len(log) == photos + 2
         assert not [c for c in reconnections if c.state == "reconnecting"], reconnections

@@ -176,7 +176,8 @@ def test_stack_runs_a_simulation_to_completion_and_ctrl_c_leaves_nothing_behind(
     )
     started = time.monotonic()
     demo = run.wait_for_line(r"demo page\s+(http://\S+)", 60).group(1)
-    watch = run.wait_for_line(r"terminal\s+RAPIDPHOTO_TOKEN=\S+ (\S+ watch .*)", 10).group(1)
+    watch_line = run.wait_for_line(r"terminal\s+(RAPIDPHOTO_TOKEN=\S+ (\S+ watch .*))", 10)
+    watch_command, watch = watch_line.group(1), watch_line.group(2)
     ready_in = time.monotonic() - started
     assert "[stack] started redis-server on redis://127.0.0.1:" in run.output()
     relays = [int(p) for p in re.findall(r"relay\s+http://127\.0\.0\.1:(\d+)/", run.output())]
@@ -215,8 +216,20 @@ def test_stack_runs_a_simulation_to_completion_and_ctrl_c_leaves_nothing_behind(
         f".venv/bin/rapidphoto watch {relay_flags} --notifications {' '.join(watched)}"
     )
 
-    # Every simulated session completes with all its photos, seen through both relays.
+    # Every simulated session completes with all its photos, seen through both relays ...
     asyncio.run(_sessions_complete(relays, token, watched, photos))
+    # ... and by the printed terminal view, run as printed from the repository.
+    shown = subprocess.run(
+        ["bash", "-c", watch_command],
+        cwd=REPO,
+        env=stack_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert f"all {sessions} session(s) completed" in shown.stdout
+    assert shown.stdout.count(f"100%  {photos}/{photos}") >= sessions, shown.stdout
     delivered = sum(
         float(line.rpartition(" ")[2])
         for relay in relays

@@ -62,6 +62,7 @@ TOKEN_ENV: Final = "RAPIDPHOTO_TOKEN"
 #: What the view keeps: the most recent failures and notifications.
 SHOWN_FAILURES: Final = 8
 SHOWN_NOTIFICATIONS: Final = 5
+BAR_WIDTH: Final = 40
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -219,14 +220,20 @@ class WatchView:
         self.failures.extend(kept)
 
     def __rich__(self) -> RenderableType:
+        # The text columns never wrap (scripts and tests read them); the bar takes what is left,
+        # at most BAR_WIDTH.
         bars = Table.grid(padding=(0, 1))
+        bars.add_column(no_wrap=True)
+        bars.add_column(max_width=BAR_WIDTH)
+        bars.add_column(no_wrap=True)
+        bars.add_column(no_wrap=True)
         for view in self.sessions.values():
             if view.closed is not None:
                 bar: RenderableType = Text(f"closed: {view.closed}", style="red")
                 counts = ""
             else:
                 done = view.uploaded + view.failed
-                bar = ProgressBar(total=view.total, completed=done, width=40)
+                bar = ProgressBar(total=view.total, completed=done)
                 total = "?" if view.total is None else str(view.total)
                 percent = (
                     ""
