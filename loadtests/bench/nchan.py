@@ -58,6 +58,9 @@ http {{
     nchan_redis_url "{redis_url}";
     nchan_use_redis on;
     nchan_message_buffer_length 10;
+    # A new subscriber gets what is published from then on (as the relay's notification stream),
+    # not the channel's buffered messages: the scenarios of a run reuse the same channels.
+    nchan_subscriber_first_message newest;
     nchan_message_timeout 60s;
     server {{
         listen 127.0.0.1:{port} backlog=4096 reuseport;

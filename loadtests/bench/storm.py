@@ -143,8 +143,20 @@ async def seed_sessions(redis_url: str, count: int) -> list[str]:
 
         assert isinstance(seed, Seeder)
         session = STORM_SESSION.format(n)
-        ids = list((await seed.start(session, STORM_USER.format(n), PHOTOS + 1)).event_ids)
-        ids += await seed.upload_many(session, PHOTOS)
+        # A busy machine's Redis can time out: the worker's commands are idempotent, so retry.
+        for step in range(PHOTOS + 1):
+            for attempt in range(10):
+                try:
+                    if step == 0:
+                        await seed.start(session, STORM_USER.format(n), PHOTOS + 1)
+                    else:
+                        await seed.upload(session, f"p{step - 1}")
+                    break
+                except Exception:
+                    if attempt == 9:
+                        raise
+                    await asyncio.sleep(0.2 * (attempt + 1))
+        ids = await seed.log_ids(session)
         resume_after[n] = ids[-REPLAYED - 1]
 
     async with seeder(redis_url) as seed:
