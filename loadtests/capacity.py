@@ -241,6 +241,7 @@ async def run_scenario(
         spy = await start_profiler(profile, scenario.name, target, server.pid)
         lags = array("d")
         lag_watch = asyncio.create_task(watch_loop_lag(lags))
+        server_lag0 = await server.loop_lag_buckets()
         cpu = procfs.CpuMeter(procfs.process_tree(server.pid))
         started = time.monotonic()
         if scenario.rate > 0:
@@ -267,6 +268,10 @@ async def run_scenario(
             await asyncio.sleep(idle_seconds)
         result.seconds = time.monotonic() - started
         storm_window = run.storm_latencies
+        server_lag1 = await server.loop_lag_buckets()
+        if server_lag0 and server_lag1 and result.server_loop_lag_p99_ms is None:
+            lag = lag_quantiles(server_lag0, server_lag1)
+            result.server_loop_lag_p99_ms, result.server_loop_lag_max_ms = lag
         lag_watch.cancel()
         ordered_lags = sorted(lags)
         result.client_lag_p99_ms = percentile(ordered_lags, 0.99) * 1000

@@ -13,6 +13,7 @@ checks no token: like the bare reference server, it does less than the relay).
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Final
 
@@ -27,11 +28,24 @@ USER_HEADER: Final = "X-Bench-User"
 PUBLISH_PREFIX: Final = "/pub/"
 
 
-def binary() -> str:
-    """nginx, with nchan's module installed; exits with the setup command when either is missing."""
+SETUP: Final = Path(__file__).resolve().parents[1] / "setup-nchan"
+
+
+def _find() -> str | None:
     found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    if found is None or not MODULE.is_file():
-        raise SystemExit("--target nchan: run loadtests/setup-nchan first (nginx + nchan module)")
+    return found if found is not None and MODULE.is_file() else None
+
+
+def binary() -> str:
+    """nginx, with nchan's module; asking for ``--target nchan`` is the opt-in to install them
+    (``loadtests/setup-nchan``, Debian's packages) when they are missing."""
+    found = _find()
+    if found is None:
+        print("--target nchan: installing nginx and nchan (loadtests/setup-nchan)", flush=True)
+        subprocess.run([str(SETUP)], check=False)
+        found = _find()
+    if found is None:
+        raise SystemExit("--target nchan: loadtests/setup-nchan could not install nginx + nchan")
     return found
 
 
@@ -58,15 +72,15 @@ http {{
     nchan_redis_url "{redis_url}";
     nchan_use_redis on;
     nchan_message_buffer_length 10;
-    # A new subscriber gets what is published from then on (as the relay's notification stream),
-    # not the channel's buffered messages: the scenarios of a run reuse the same channels.
-    nchan_subscriber_first_message newest;
     nchan_message_timeout 60s;
     server {{
         listen 127.0.0.1:{port} backlog=4096 reuseport;
         location = /health/ready {{ return 200 "ok"; }}
         location = {STREAM_PATH} {{
             nchan_subscriber eventsource;
+            # A new subscriber gets what is published from then on (as the relay's notification
+            # stream), not the channel's buffer: the scenarios of a run reuse the same channels.
+            nchan_subscriber_first_message newest;
             nchan_channel_id "{NOTIFICATION_CHANNEL_PREFIX}$http_x_bench_user";
             nchan_eventsource_ping_interval 15;
         }}

@@ -109,6 +109,11 @@ def row(r: Result) -> str:
             )
     if r.sessions and r.rate > 0:
         per += f"; net of idle ({r.idle_cpu_share:.0%}): {r.net_us_per_delivery:.2f}"
+    if not r.storm_streams and r.server_loop_lag_p99_ms is not None:
+        per += (
+            f"; server loop lag p99 ≤ {r.server_loop_lag_p99_ms:g} ms,"
+            f" max ≤ {r.server_loop_lag_max_ms:g} ms"
+        )
     flags = f" ({', '.join(r.flags)})" if r.flags else ""
     rss = f"{r.kib_per_stream:.1f}"
     if r.sessions:
