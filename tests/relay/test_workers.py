@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rapidphoto_relay.supervisor import MIN_UPTIME_SECONDS
 from tests.relay.conftest import Relay, RelayFactory, eventually
 from tests.support.sse import SSEStream, open_sse
 
@@ -25,6 +26,13 @@ def children(pid: int) -> list[int]:
     with contextlib.suppress(OSError):
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     return []
+
+
+def age(pid: int) -> float:
+    """Seconds since the process started (``/proc``)."""
+    start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def alive(pid: int) -> bool:
@@ -88,6 +96,8 @@ async def test_processes_share_the_port_and_sigterm_closes_every_stream(
 async def test_a_process_that_dies_is_replaced(relay_factory: RelayFactory, ids: Ids) -> None:
     relay = relay_factory(RELAY_WORKERS="2")
     first, second = await both_serving(relay, 2)
+    # Older than a crash at start-up (which stops the relay instead of replacing the process).
+    await eventually(lambda: age(first) > MIN_UPTIME_SECONDS + 0.5, 30, what="process uptime")
     async with open_sse(relay.base_url, NOTIFICATIONS, token=relay.token(ids("u"))) as stream:
         await stream.next_frame()
         os.kill(first, signal.SIGKILL)
