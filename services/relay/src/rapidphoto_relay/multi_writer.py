@@ -14,7 +14,8 @@ lane's position and is framed with the stream's cursor (``cursor.py``) as its ``
 the hub's shared frame with its ``id:`` line replaced, built once per delivery, the price of a
 per-stream ``id:``: the writer keeps the pieces of that line (``id: m1``, each lane's item as bytes)
 in one list, so a delivery formats its lane's new item and joins the list with the rest of the
-frame, one allocation, instead of re-encoding the whole cursor.
+frame (cut from the end of its ``id:`` line once per message and shared by every stream,
+``Message.after_id``), one allocation, instead of re-encoding the whole cursor.
 
 The stream completes when every session is completed or closed and the notifications were not asked
 for; a completed session's later entries are still delivered (PROTOCOL §5.1).
@@ -191,16 +192,16 @@ class MultiStreamWriter(StreamWriter):
     def framed(self, lane: Lane, message: Message) -> bytes:
         """``message``'s frame as this stream delivers it on ``lane``, moving the lane's position."""
         sid = message.stream_id
-        frame = message.frame
         if sid is None:
-            return frame
+            return message.frame
         lane.position = sid
         pieces = self._pieces
         pieces[lane.index] = lane.prefix + b"%d-%d" % sid
         self._cursor = None
-        # The rest of the frame from the end of its own id: line (a log entry's or a valid
-        # payload's frame always has one), joined after the cursor: one allocation.
-        pieces[-1] = frame[frame.index(b"\n") :] if frame.startswith(_ID_PREFIX) else b"\n" + frame
+        # The rest of the frame from the end of its own id: line, cut once per message and
+        # shared by every stream, joined after the cursor: one allocation per delivery.
+        source = message.origin if isinstance(message, LaneMessage) else message
+        pieces[-1] = source.after_id()
         framed = b"".join(pieces)
         pieces[-1] = b""
         return framed
@@ -208,10 +209,7 @@ class MultiStreamWriter(StreamWriter):
     def snapshot_frame(self, lane: Lane, message: Message, position: StreamId) -> bytes:
         """A snapshot's frame: the cursor records ``position`` (``0-0`` for an empty log)."""
         lane.move_to(position)
-        frame = message.frame
-        if frame.startswith(_ID_PREFIX):
-            frame = frame[frame.index(b"\n") + 1 :]
-        return _ID_PREFIX + self.cursor_id() + b"\n" + frame
+        return _ID_PREFIX + self.cursor_id() + message.after_id()
 
     def closed_frame(self, lane: Lane, reason: SessionCloseReason) -> bytes:
         """``SESSION_CLOSED`` for ``lane``, whose item in the cursor records it as closed."""

@@ -36,7 +36,7 @@ class Message:
     histogram, observed once per message and process (``observed``).
     """
 
-    __slots__ = ("chunk", "frame", "observed", "occurred_at", "stream_id", "terminal")
+    __slots__ = ("chunk", "frame", "observed", "occurred_at", "stream_id", "tail", "terminal")
 
     def __init__(
         self,
@@ -53,6 +53,20 @@ class Message:
         self.observed = occurred_at is None
         #: ``frame`` as an HTTP/1.1 chunk, encoded by the first direct write and then shared.
         self.chunk: bytes | None = None
+        #: ``frame`` from the end of its ``id:`` line (``\n`` first), cut by the first
+        #: multi-session stream that delivers it (each writes its own cursor as ``id:``), then
+        #: shared by every stream.
+        self.tail: bytes | None = None
+
+    def after_id(self) -> bytes:
+        """``frame`` from the end of its ``id:`` line on (``b"\n" + frame`` without one): cut
+        once per message, not once per stream."""
+        tail = self.tail
+        if tail is None:
+            frame = self.frame
+            tail = frame[frame.index(b"\n") :] if frame.startswith(b"id: ") else b"\n" + frame
+            self.tail = tail
+        return tail
 
 
 class InvalidPayload(ValueError):
