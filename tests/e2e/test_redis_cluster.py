@@ -35,6 +35,7 @@ from tests.e2e.conftest import (
     as_frames,
     assert_exactly_the_log,
     eventually,
+    opened,
 )
 from tests.support.redis_cluster import RedisClusterNodes, migrate_slot, redis_cluster
 from tests.support.redis_server import RedisServer
@@ -224,6 +225,9 @@ async def test_a_worker_killed_between_the_completion_steps_notifies_once(
     await jobs.start_upload_session(sid, user, 1)
     token = stack.processes.token(user)
     async with stream(stack.relay_urls[1], token=token, notifications=True) as notes:
+        # Open (subscribed) before the notification can be written: a notification stream opened
+        # without Last-Event-ID starts live.
+        await opened(notes)
         settings = worker_settings(
             stack.nodes.url, redis_cluster=True, queue_redis_url=stack.queue_url
         )
