@@ -35,7 +35,7 @@ from tests.deploy.files import (
 
 #: Variables compose.yaml interpolates that are not settings of our processes (env.example marks
 #: them "compose only").
-COMPOSE_ONLY = {"RAPIDPHOTO_PUBLIC_PORT", "REDIS_MAXMEMORY"}
+COMPOSE_ONLY = {"RAPIDPHOTO_PUBLIC_PORT", "REDIS_MAXMEMORY", "RAPIDPHOTO_REDIS_URL"}
 SECRET = "compose-test-secret-at-least-32-bytes-long-xx"
 
 
@@ -306,7 +306,41 @@ def test_start_up_is_gated_on_health(compose: dict[str, Any]) -> None:
         for dependency, condition in service.get("depends_on", {}).items():
             assert condition == {"condition": "service_healthy"}, (name, dependency)
             assert has_healthcheck(compose, dependency), dependency
-    assert all(has_healthcheck(compose, name) for name in compose["services"])
+    # Every service but the one-shot job that creates the cluster (it runs, then exits).
+    one_shot = {n for n, s in compose["services"].items() if s.get("restart") == "no"}
+    assert one_shot == {"redis-cluster-init"}
+    assert all(has_healthcheck(compose, name) for name in set(compose["services"]) - one_shot)
+
+
+def test_the_cluster_profile_runs_the_deployables_on_a_redis_cluster() -> None:
+    """PROTOCOL §9: six cluster nodes and their one-shot init in the "cluster" profile; with the
+    .env the profile's comment gives, relays and workers read a cluster node, the queue stays on
+    the standalone "redis"."""
+    env = {
+        **example_env(),
+        "REDIS_CLUSTER": "1",
+        "RAPIDPHOTO_REDIS_URL": "redis://redis-node-1:6379/0",
+        "REDIS_WAIT_REPLICAS": "1",
+    }
+    resolved = compose_resolved(env)
+    nodes = {n: s for n, s in resolved["services"].items() if n.startswith("redis-node-")}
+    assert len(nodes) == 6
+    for name, node in nodes.items():
+        assert node["profiles"] == ["cluster"], name
+        options = dict(zip(node["command"][1::2], node["command"][2::2], strict=True))
+        assert options["--cluster-enabled"] == "yes"
+        assert options["--cluster-node-timeout"] == "1000"
+        assert options["--cluster-require-full-coverage"] == "no"
+    init = resolved["services"]["redis-cluster-init"]
+    assert init["profiles"] == ["cluster"]
+    assert set(init["depends_on"]) == set(nodes)
+    assert "--cluster-replicas 1" in init["command"][-1]
+    for package, config in READS.items():
+        for name, service in services(resolved, package):
+            settings = config.from_env(environment_of(service))
+            assert settings.redis_cluster, name
+            assert settings.redis_url == "redis://redis-node-1:6379/0", name
+            assert settings.queue_redis_url == "redis://redis:6379/0", name
 
 
 def seconds(duration: str) -> float:
