@@ -4,7 +4,7 @@ The same promises as :class:`~rapidphoto_relay.hub.Hub`, whose interface this fo
 returns once Redis confirmed; ``unsubscribe``; ``ready``; streams asked to resync from their logs
 after anything that may have lost a message), over ``SSUBSCRIBE``:
 
-- Subscribers are the hub's (:class:`~rapidphoto_relay.hub.Subscriber`: a stream's writer, or a
+- Subscribers are the hub's (:class:`~rapidphoto_relay.fanout.Subscriber`: a stream's writer, or a
   lane of a multi-session stream).
 - A sharded channel lives on the master that owns its slot, so the hub keeps one pub/sub connection
   (a :class:`_Link`) per master owning a subscribed slot, chosen from the slot map
@@ -40,10 +40,9 @@ from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import MovedError, RedisError, ResponseError
 
-from rapidphoto_contract.logs import Throttle
-from rapidphoto_relay.hub import HubUnavailable, Subscriber
+from rapidphoto_relay.fanout import Fanout, Subscriber
+from rapidphoto_relay.hub import HubUnavailable
 from rapidphoto_relay.metrics import RelayMetrics
-from rapidphoto_relay.payload import InvalidPayload, parse_payload
 
 log = logging.getLogger("rapidphoto_relay.cluster_hub")
 
@@ -51,7 +50,6 @@ log = logging.getLogger("rapidphoto_relay.cluster_hub")
 STALE_SECONDS: Final = 10.0
 #: Channels per SSUBSCRIBE (all of one slot) when many of a slot are subscribed at once.
 SUBSCRIBE_CHUNK: Final = 500
-DROP_LOG_INTERVAL: Final = 1.0
 _CONNECTION_ERRORS: Final = (RedisError, OSError)
 
 Node = tuple[str, int]
@@ -212,7 +210,7 @@ class _Link:
                 try:
                     self.hub._handle(self, reply if isinstance(reply, list) else [reply])
                 except Exception:
-                    self.hub._failed(reply)
+                    self.hub._fanout.failed(reply, b"smessage")
         finally:
             keepalive.cancel()
 
@@ -269,7 +267,7 @@ class ClusterHub:
         self._reconciler: asyncio.Task[None] | None = None
         self._map_ok = False
         self._closing = False
-        self._drop_log = Throttle(DROP_LOG_INTERVAL)
+        self._fanout = Fanout(self.metrics, log)
         self._background: set[asyncio.Task[None]] = set()
         #: Slot -> (node, when): the node dropped the slot's subscriptions, so a slot map that
         #: still names it is older than what that node knows (nodes learn a fail-over or a
@@ -521,35 +519,7 @@ class ClusterHub:
         state = self._channels.get(_channel_name(channel))
         if state is None or not state.subscribers:
             return
-        try:
-            message = parse_payload(data)
-        except InvalidPayload as exc:
-            self._dropped(channel, data, exc.reason)
-            return
-        for subscriber in state.subscribers:
-            subscriber.push(message)
-        self.metrics.events_delivered.inc(len(state.subscribers))
-
-    def _failed(self, reply: Any) -> None:
-        is_message = isinstance(reply, list) and len(reply) == 3 and reply[0] == b"smessage"
-        channel = reply[1] if is_message and isinstance(reply[1], bytes) else b"?"
-        data = reply[2] if is_message and isinstance(reply[2], bytes) else b""
-        self._dropped(channel, data, "internal", exc_info=True)
-
-    def _dropped(self, channel: bytes, data: bytes, reason: str, *, exc_info: bool = False) -> None:
-        self.metrics.events_dropped.labels(reason).inc()
-        count = self._drop_log.hit()
-        if count is not None:
-            log.warning(
-                "dropped invalid channel payload",
-                extra={
-                    "channel": channel.decode(errors="replace"),
-                    "reason": reason,
-                    "bytes": len(data),
-                    "dropped_since_last_line": count,
-                },
-                exc_info=exc_info,
-            )
+        self._fanout.deliver(state.subscribers, channel, data)
 
 
 def _text(value: Any) -> str:

@@ -28,31 +28,19 @@ from typing import Any, Final, Protocol
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import RedisError
 
-from rapidphoto_contract.logs import Throttle
+from rapidphoto_relay.fanout import Fanout, Subscriber
 from rapidphoto_relay.metrics import RelayMetrics
-from rapidphoto_relay.payload import InvalidPayload, Message, parse_payload
 from rapidphoto_relay.transport import PubSubConnection, PubSubTransport
 
 log = logging.getLogger("rapidphoto_relay.hub")
 
 #: Channels per SUBSCRIBE command when resubscribing after a reconnection.
 RESUBSCRIBE_CHUNK: Final = 500
-#: At most one "dropped payload" log line per this many seconds (a flood must not flood the logs).
-DROP_LOG_INTERVAL: Final = 1.0
 
 #: What a broken or unreachable pub/sub connection raises. Not ``ValueError``: a payload that failed
 #: to decode raised one, and was taken for a connection failure that dropped every stream's
 #: subscription (issue 9, fault 1). Errors in one message are handled per message (``_read_loop``).
 _CONNECTION_ERRORS: Final = (RedisError, OSError)
-
-
-class Subscriber(Protocol):
-    """What the hub feeds: a stream's writer, or one lane of a multi-session stream
-    (``multi_writer.Lane``). Both calls must return at once and never raise."""
-
-    def push(self, message: Message) -> None: ...
-
-    def request_resync(self) -> None: ...
 
 
 class Subscriptions(Protocol):
@@ -113,7 +101,7 @@ class Hub:
         self._subscriber: asyncio.Task[None] | None = None
         self._closing = False
         self._last_read = 0.0
-        self._drop_log = Throttle(DROP_LOG_INTERVAL)
+        self._fanout = Fanout(metrics, log)
         self.connected = False
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -286,7 +274,7 @@ class Hub:
                 try:
                     self._handle(reply)
                 except Exception:
-                    self._failed(reply)
+                    self._fanout.failed(reply, b"message")
         finally:
             keepalive.cancel()
 
@@ -342,38 +330,7 @@ class Hub:
         state = self._channels.get(_channel_name(channel))
         if state is None or not state.subscribers:
             return  # in flight while we unsubscribed
-        try:
-            message = parse_payload(data)
-        except InvalidPayload as exc:
-            self._dropped(channel, data, exc.reason)
-            return
-        subscribers = state.subscribers
-        for subscriber in subscribers:
-            subscriber.push(message)
-        self._metrics.events_delivered.inc(len(subscribers))
-
-    def _failed(self, reply: list[Any]) -> None:
-        """A reply whose handling raised: a bug, or an input no rule foresaw. Dropped and counted
-        as ``internal``, logged with its traceback (rate limited like any drop)."""
-        is_message = len(reply) == 3 and reply[0] == b"message"
-        channel = reply[1] if is_message and isinstance(reply[1], bytes) else b"?"
-        data = reply[2] if is_message and isinstance(reply[2], bytes) else b""
-        self._dropped(channel, data, "internal", exc_info=True)
-
-    def _dropped(self, channel: bytes, data: bytes, reason: str, *, exc_info: bool = False) -> None:
-        self._metrics.events_dropped.labels(reason).inc()
-        count = self._drop_log.hit()
-        if count is not None:
-            log.warning(
-                "dropped invalid channel payload",
-                extra={
-                    "channel": channel.decode(errors="replace"),
-                    "reason": reason,
-                    "bytes": len(data),
-                    "dropped_since_last_line": count,
-                },
-                exc_info=exc_info,
-            )
+        self._fanout.deliver(state.subscribers, channel, data)
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
